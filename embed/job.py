@@ -1,0 +1,238 @@
+"""The stage-1 Ray Data job: source -> read + image codec -> prompt encoders -> Lance.
+
+    items (driver) -> read_stage (tasks) -> [VAE stage (actors)] -> TextEncodeStage (actor pool)
+                   -> driver: one Lance commit per shard of `embed.shard_rows` rows
+
+The driver is the only writer, and every commit is a whole shard, so a run killed at any
+moment (driver or worker) leaves whole shards; the next run lists the ids already
+committed (accepted or rejected) and embeds only the rest: exactly once, no duplicates.
+Rejected inputs are written to the rejects table with their stage and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from tqdm import tqdm
+
+from embed.codecs import PixelCodec, make_codec
+from embed.encoder import PromptEncoder, blocks_to_run, model_num_blocks, resolve_model_path
+from embed.shapes import world_spec
+from embed.sources import list_items, load_item
+from store.config import Config, ConfigError, EncoderConfig
+from store.schema import tensor_to_bytes
+from store.writer import CacheWriter
+
+
+@dataclass
+class EmbedSummary:
+    cache: str
+    written: int = 0
+    rejected: int = 0
+    skipped: int = 0  # already committed by an earlier run
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reasons: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"embed: wrote {self.written} rows, rejected {self.rejected}, skipped {self.skipped} "
+            f"already committed, in {self.seconds:.1f} s",
+            f"  caption tokens {self.tokens}, {self.bytes / 2**20:.1f} MiB written to {self.cache}",
+        ]
+        lines += [f"  rejected ({n}): {reason}" for reason, n in sorted(self.reasons.items(), key=lambda x: -x[1])[:10]]
+        return "\n".join(lines)
+
+
+def pipeline_schema(encoders: list[EncoderConfig]) -> pa.Schema:
+    fields = [("id", pa.string()), ("split", pa.string()), ("caption", pa.string()), ("truth", pa.string()),
+              ("source", pa.string()), ("reject", pa.string()), ("stage", pa.string()),
+              ("pixels", pa.binary()), ("pixels_shape", pa.list_(pa.int32())),
+              ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32())), ("bucket", pa.int16())]
+    for e in encoders:
+        fields += [(f"{e.name}__ids", pa.list_(pa.int32())), (f"{e.name}__states", pa.binary()),
+                   (f"{e.name}__ntok", pa.int32()), (f"{e.name}__truncated", pa.bool_())]
+    return pa.schema(fields)
+
+
+def _latent_columns(row: dict, latent: torch.Tensor) -> None:
+    row["latent"] = tensor_to_bytes(latent.to(torch.float16))
+    row["latent_shape"] = list(latent.shape)
+
+
+def read_stage(batch: pa.Table, config: Config) -> pa.Table:
+    """Load captions and images, reject bad ones, encode pixels when the codec is lossless."""
+    rows = []
+    pixel = config.codec.kind == "pixel"
+    for raw in batch.column("item").to_pylist():
+        row = load_item(json.loads(raw), config)
+        pixels = row.pop("pixels")
+        if pixels is not None and row["reject"] is None:
+            if pixel:
+                _latent_columns(row, PixelCodec().encode(pixels[None])[0])
+            else:
+                row["pixels"], row["pixels_shape"] = pixels.tobytes(), list(pixels.shape)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=pipeline_schema(config.encoders))
+
+
+class VAEStage:
+    """Actor: pixels -> VAE latents (one model load per actor)."""
+
+    def __init__(self, config: Config):
+        self.codec = make_codec(config.codec, device=config.embed.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["pixels"] is not None]
+        by_shape: dict[tuple, list[dict]] = {}
+        for r in todo:
+            by_shape.setdefault(tuple(r["pixels_shape"]), []).append(r)
+        for shape, group in by_shape.items():
+            images = np.stack([np.frombuffer(r["pixels"], np.uint8).reshape(shape) for r in group])
+            for r, latent in zip(group, self.codec.encode(images)):
+                _latent_columns(r, latent)
+        for r in rows:
+            r["pixels"], r["pixels_shape"] = None, None
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+class TextEncodeStage:
+    """Actor: captions -> every encoder's caption-dependent token states."""
+
+    def __init__(self, config: Config):
+        torch.set_num_threads(config.embed.threads_per_actor)
+        self.config = config
+        self.encoders = [PromptEncoder(e, device=config.embed.device) for e in config.encoders]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["reject"] is None]
+        captions = [r["caption"] for r in todo]
+        for enc in self.encoders:
+            name = enc.config.name
+            if not captions:
+                break
+            for r, out in zip(todo, enc.encode(captions, batch_size=self.config.embed.batch_size)):
+                if len(out.ids) == 0 and enc.causal and r["reject"] is None:
+                    r["reject"], r["stage"] = f"caption has no tokens for encoder {name}", "encode"
+                r[f"{name}__ids"] = out.ids.tolist()
+                r[f"{name}__states"] = tensor_to_bytes(out.states)
+                r[f"{name}__ntok"] = len(out.ids)
+                r[f"{name}__truncated"] = out.truncated
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+def validate_before_work(config: Config) -> None:
+    """Fail before any work on a wrong model path, a layer out of range, a bad codec path."""
+    for i, enc in enumerate(config.encoders):
+        path = resolve_model_path(enc.path)
+        try:
+            blocks_to_run(enc.layer, model_num_blocks(path))
+        except ValueError as err:
+            raise ConfigError(f"encoders[{i}] ({enc.name}): {err}") from err
+    if config.data.source == "shapes" and [config.data.height, config.data.width] not in config.codec.buckets:
+        raise ConfigError(
+            f"data.height/width {config.data.height}x{config.data.width} is not one of codec.buckets "
+            f"{config.codec.buckets}"
+        )
+
+
+@ray.remote
+def _describe(config: Config) -> tuple[list[dict], dict, dict]:
+    """Encoder identities, shared text constants and codec identity, computed on a worker
+    (the driver may be a head node without the memory or GPU an 8B LLM needs)."""
+    identities, constants = [], {}
+    for enc_config in config.encoders:
+        enc = PromptEncoder(enc_config, device=config.embed.device)
+        identities.append(enc.identity())
+        null = enc.null_caption()
+        constants[f"{enc_config.name}.prefix_states"] = enc.prefix_states
+        constants[f"{enc_config.name}.prefix_ids"] = torch.tensor(enc.prefix_ids, dtype=torch.int32)
+        constants[f"{enc_config.name}.null_states"] = null.states
+        constants[f"{enc_config.name}.null_ids"] = torch.from_numpy(null.ids)
+    codec = PixelCodec() if config.codec.kind == "pixel" else make_codec(config.codec, config.embed.device)
+    return identities, constants, codec.identity()
+
+
+def start_ray(config: Config) -> None:
+    if ray.is_initialized():
+        return
+    address = config.embed.ray_address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray: one CPU more than the encoder actors hold, so read tasks can run.
+        cpus = config.embed.actors * config.embed.threads_per_actor + 1
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address or "auto", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run_embed(config: Config, limit: int | None = None, progress: bool = True) -> EmbedSummary:
+    started = time.time()
+    validate_before_work(config)
+    items = list_items(config)
+    if limit is not None:
+        items = items[:limit]
+    start_ray(config)
+    identities, constants, codec_identity = ray.get(_describe.remote(config))
+    meta = {"encoders": identities, "codec": codec_identity, "buckets": config.codec.buckets,
+            "source": {"kind": config.data.source, "path": config.data.path,
+                       "world": world_spec(config.data.height, config.data.width)
+                       if config.data.source == "shapes" else None},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    writer = CacheWriter(config.cache_path, meta)
+    if not writer.has_constants():
+        writer.write_constants(constants)
+    done = writer.committed_ids()
+    todo = [item for item in items if item["id"] not in done]
+    summary = EmbedSummary(cache=str(config.cache_path), skipped=len(items) - len(todo))
+    if todo:
+        _run_pipeline(config, todo, writer, summary, progress)
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _run_pipeline(config: Config, todo: list[dict], writer: CacheWriter, summary: EmbedSummary,
+                  progress: bool) -> None:
+    from ray.data import ActorPoolStrategy
+
+    emb = config.embed
+    ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo],
+                             override_num_blocks=max(1, len(todo) // emb.batch_size))
+    ds = ds.map_batches(read_stage, fn_kwargs={"config": config}, batch_format="pyarrow",
+                        batch_size=emb.batch_size, num_cpus=0.5)
+    if config.codec.kind == "vae":
+        ds = ds.map_batches(VAEStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
+                            batch_size=emb.batch_size, compute=ActorPoolStrategy(size=emb.actors),
+                            num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
+    ds = ds.map_batches(TextEncodeStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
+                        batch_size=emb.batch_size, compute=ActorPoolStrategy(size=emb.actors),
+                        num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
+    bar = tqdm(total=len(todo), desc="embed", unit="caption", disable=not progress, mininterval=2.0)
+    for batch in ds.iter_batches(batch_size=emb.shard_rows, batch_format="pyarrow"):
+        rejected = pc.is_valid(batch.column("reject"))
+        good = batch.filter(pc.invert(rejected))
+        bad = batch.filter(rejected)
+        summary.bytes += writer.append(good)  # accepted rows first: see store/writer.py
+        writer.append_rejects([{"id": r["id"], "stage": r["stage"], "reason": r["reject"], "source": r["source"]}
+                               for r in bad.select(["id", "stage", "reject", "source"]).to_pylist()])
+        summary.written += good.num_rows
+        summary.rejected += bad.num_rows
+        for reason in bad.column("reject").to_pylist():
+            key = reason.split(":")[0]
+            summary.reasons[key] = summary.reasons.get(key, 0) + 1
+        for e in config.encoders:
+            summary.tokens += int(pc.sum(good.column(f"{e.name}__ntok")).as_py() or 0)
+        bar.update(batch.num_rows)
+        bar.set_postfix(written=summary.written, rejected=summary.rejected)
+    bar.close()

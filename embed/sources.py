@@ -1,0 +1,164 @@
+"""Data sources: what to embed, listed cheaply in the driver and loaded in Ray tasks.
+
+- shapes:   the synthetic world (embed/shapes.py), `num_train` + `num_eval` scenes;
+- folder:   images with same-stem `.txt` captions (the layout most trainers use);
+- manifest: a `.jsonl` or `.parquet` file with `image` (path) and `caption` columns and
+            an optional `id`; relative image paths are resolved against the manifest;
+- captions: text only, a `.txt` (one caption a line) or `.jsonl` (`caption`, optional `id`).
+
+`list_items` returns small dicts (id, split, where to find caption and image). `load_item`
+turns one into a sample or a rejection with its reason; bad input never stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from embed import shapes
+from embed.codecs import assign_bucket, fit_to_bucket
+from store.config import Config
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MAX_CAPTION_CHARS = 10_000  # beyond this a "caption" is a data error, not a long prompt
+EVAL_SEED_OFFSET = 1_000_003  # the held-out split draws from its own random stream
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable (wrong path, unreadable manifest)."""
+
+
+def list_items(config: Config) -> list[dict]:
+    data = config.data
+    if data.source == "shapes":
+        items = [{"id": f"shapes-train-{i:07d}", "split": "train", "scene": [config.seed, i]}
+                 for i in range(data.num_train)]
+        items += [{"id": f"shapes-eval-{i:07d}", "split": "eval", "scene": [config.seed + EVAL_SEED_OFFSET, i]}
+                  for i in range(data.num_eval)]
+        return items
+    path = Path(data.path).expanduser()
+    if not path.exists():
+        raise SourceError(f"data.path does not exist: {path}")
+    if data.source == "folder":
+        return _list_folder(path)
+    if data.source == "manifest":
+        return _list_manifest(path, need_image=True)
+    return _list_manifest(path, need_image=False)
+
+
+def _list_folder(root: Path) -> list[dict]:
+    if not root.is_dir():
+        raise SourceError(f"data.path {root} is not a folder")
+    items = []
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    texts = {p.with_suffix(""): p for p in files if p.suffix == ".txt"}
+    for stem in sorted(set(images) | set(texts)):
+        items.append({"id": str(stem.relative_to(root)), "split": "train",
+                      "image": str(images[stem]) if stem in images else None,
+                      "caption_file": str(texts[stem]) if stem in texts else None,
+                      "need_image": True})
+    if not items:
+        raise SourceError(f"data.path {root} holds no images or captions")
+    return items
+
+
+def _list_manifest(path: Path, need_image: bool) -> list[dict]:
+    if path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix in (".jsonl", ".txt"):
+        rows = []
+        for n, raw in enumerate(path.read_bytes().splitlines()):
+            if not raw.strip():
+                continue
+            if path.suffix == ".txt":
+                rows.append({"id": f"line-{n:08d}", "caption_bytes": raw})
+                continue
+            try:
+                rows.append(json.loads(raw))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                rows.append({"id": f"line-{n:08d}", "error": f"line {n + 1}: not valid JSON ({err})"})
+            rows[-1].setdefault("id", f"line-{n:08d}")
+    else:
+        raise SourceError(f"{path}: a manifest must be .jsonl or .parquet (captions may be .txt)")
+    items = []
+    for n, row in enumerate(rows):
+        image = row.get("image")
+        if image is not None and not Path(image).is_absolute():
+            image = str(path.parent / image)
+        items.append({"id": str(row.get("id") or image or f"row-{n:08d}"), "split": row.get("split", "train"),
+                      "caption": row.get("caption"), "caption_bytes": row.get("caption_bytes"),
+                      "image": image, "need_image": need_image, "error": row.get("error")})
+    return items
+
+
+def _caption(item: dict) -> tuple[str | None, str | None]:
+    """(caption, rejection reason)."""
+    raw = item.get("caption_bytes")
+    if item.get("caption_file"):
+        raw = Path(item["caption_file"]).read_bytes()
+    if raw is not None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})"
+    else:
+        text = item.get("caption")
+    if text is None:
+        return None, "missing caption"
+    if not isinstance(text, str):
+        return None, f"caption is not text: {type(text).__name__}"
+    text = text.strip()
+    if not text:
+        return None, "empty caption"
+    if len(text) > MAX_CAPTION_CHARS:
+        return None, f"caption longer than {MAX_CAPTION_CHARS} characters ({len(text)})"
+    return text, None
+
+
+def _image(item: dict, config: Config) -> tuple[np.ndarray | None, int | None, str | None]:
+    """(pixels fitted to their bucket, bucket index, rejection reason)."""
+    path = item.get("image")
+    if path is None:
+        return None, None, "missing image"
+    if not Path(path).is_file():
+        return None, None, f"image file not found: {path}"
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return None, None, f"corrupt image {path}: {err}"
+    side = config.data.min_image_side
+    if min(image.size) < side:
+        return None, None, f"image too small: {image.width}x{image.height} < {side} px"
+    buckets = config.codec.buckets
+    bucket = assign_bucket(image.height, image.width, buckets)
+    return fit_to_bucket(image, buckets[bucket]), bucket, None
+
+
+def load_item(item: dict, config: Config) -> dict:
+    """One listed item -> {id, split, caption, truth, pixels, bucket, reject, stage}."""
+    out = {"id": item["id"], "split": item.get("split", "train"), "caption": None, "truth": None,
+           "pixels": None, "bucket": None, "reject": None, "stage": "read",
+           "source": item.get("image") or item.get("caption_file") or ""}
+    if item.get("error"):
+        out["reject"] = item["error"]
+        return out
+    if "scene" in item:
+        seed, index = item["scene"]
+        scene = shapes.make_scene(seed, index, config.data.height, config.data.width)
+        out.update(caption=scene["caption"], truth=json.dumps(scene), pixels=shapes.render(scene),
+                   bucket=assign_bucket(config.data.height, config.data.width, config.codec.buckets),
+                   source=f"shapes:{seed}:{index}")
+        return out
+    caption, reason = _caption(item)
+    out["caption"] = caption
+    if reason is None and item.get("need_image"):
+        out["pixels"], out["bucket"], reason = _image(item, config)
+    out["reject"] = reason
+    return out

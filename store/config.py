@@ -1,0 +1,284 @@
+"""The typed configuration tree, loaded from one YAML file per recipe.
+
+The config is the contract between the stages, like the store itself: `embed` reads
+`data`, `encoders`, `codec` and `embed`; `train` reads `model` and `train` and checks the
+cache against `encoders`; `sample` reads `sample`. It lives in `store/` because every
+stage already depends on the store and none may import a later stage.
+
+Defaults are the paper's where the paper gives one (PAPER.md). Validation happens once,
+at load time, with messages that name the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+PAPER_INSTRUCTION = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:"
+)
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shapes", "folder", "manifest", "captions"] = "shapes"
+    path: str | None = None  # folder / manifest (.jsonl or .parquet) / captions (.txt or .jsonl)
+    num_train: int = 6000  # shapes only
+    num_eval: int = 512  # shapes only: held-out split, never trained on
+    height: int = 32  # shapes only: image size in pixels
+    width: int = 32
+    min_image_side: int = 16  # real images smaller than this are rejected
+
+
+@dataclass
+class EncoderConfig:
+    name: str
+    path: str  # local HF directory, a .gguf file, or "embedded:smollm2" / "embedded:minilm"
+    kind: Literal["causal", "bidirectional"] = "causal"
+    layer: int = -3  # output of this block; negative counts from the end (-3: paper's choice)
+    instruction: str | None = PAPER_INSTRUCTION
+    chat_template: bool = False  # wrap instruction + caption in the tokenizer's chat template
+    max_tokens: int = 128  # caption tokens kept; longer captions are truncated and flagged
+    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+
+@dataclass
+class CodecConfig:
+    kind: Literal["pixel", "vae"] = "pixel"
+    path: str | None = None  # diffusers AutoencoderKL directory, for kind "vae"
+    # (height, width) in pixels; images go to the bucket nearest their aspect ratio.
+    buckets: list[list[int]] = field(default_factory=lambda: [[32, 32]])
+
+
+@dataclass
+class EmbedConfig:
+    ray_address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS when set)
+    actors: int = 1  # encoder actors in the pool
+    threads_per_actor: int = 2
+    gpus_per_actor: float = 0.0
+    batch_size: int = 64  # captions per encoder call (sorted by length inside)
+    shard_rows: int = 512  # rows per Lance commit: the unit of resumption
+    device: str = "cpu"
+
+
+@dataclass
+class ModelConfig:
+    encoders: list[str] | None = None  # which cached encoders condition the model (None: all)
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    patch: int = 4
+    mlp_ratio: float = 4.0
+    refiner_depth: int = 2  # paper: 2 (ablation 0-3)
+    collab_depth: int = 1  # paper: 1
+    fusion: Literal["collaborative", "concat"] = "collaborative"
+    gate: bool = True  # adaptive gate in the language token refiner
+    causal_refiner: bool = False  # ablation: put the causal mask back into the refiner
+    attention_backend: Literal["sdpa", "xformers"] = "sdpa"
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["flow", "eps"] = "flow"
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # probability of training on the unconditional text
+    precision: str = "bf16-mixed"
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    devices: int = 1
+    accelerator: str = "auto"
+    num_workers: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    max_minutes: float | None = None  # stop early (and checkpoint) after this wall time
+
+
+@dataclass
+class SampleConfig:
+    solver: Literal["euler", "heun", "ddim", "dpmpp"] = "heun"
+    steps: int = 30
+    cfg_scale: float = 4.0
+    seed: int = 0
+    batch_size: int = 16
+    height: int | None = None  # default: the first codec bucket
+    width: int | None = None
+    use_ema: bool = True
+    prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str
+    encoders: list[EncoderConfig]
+    run_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def cache_path(self) -> Path:
+        return self.run_path / "cache"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML recipe; `overrides` are "a.b=value" strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(raw, key.split("."), yaml.safe_load(value))
+    raw.setdefault("name", path.stem)
+    config = build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _set_dotted(raw: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        if key.isdigit() and isinstance(raw, list):
+            raw = raw[int(key)]
+        else:
+            raw = raw.setdefault(key, {})
+    last = keys[-1]
+    if last.isdigit() and isinstance(raw, list):
+        raw[int(last)] = value
+    else:
+        raw[last] = value
+
+
+def build(cls, raw, where: str):
+    """Build dataclass `cls` from plain YAML data, checking names, types and choices."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required")
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not config.encoders:
+        raise ConfigError("encoders: at least one encoder is required")
+    names = [e.name for e in config.encoders]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"encoders: names must be unique, got {names}")
+    for i, enc in enumerate(config.encoders):
+        if not enc.name.isidentifier():
+            raise ConfigError(f"encoders[{i}].name: {enc.name!r} must be an identifier")
+        if enc.layer == 0:
+            raise ConfigError(f"encoders[{i}].layer: 0 is the embedding layer, not a block")
+        if enc.kind == "bidirectional" and (enc.instruction or enc.chat_template):
+            raise ConfigError(
+                f"encoders[{i}]: a bidirectional encoder takes no instruction or chat "
+                "template (its prefix cannot be shared; the paper's T5 role has none)"
+            )
+        if enc.max_tokens < 1:
+            raise ConfigError(f"encoders[{i}].max_tokens: must be >= 1")
+    if config.model.encoders is not None:
+        missing = sorted(set(config.model.encoders) - set(names))
+        if missing or not config.model.encoders:
+            raise ConfigError(f"model.encoders: {missing or '[]'} not among encoders {names}")
+    for key, value in (("model.refiner_depth", config.model.refiner_depth),
+                       ("model.collab_depth", config.model.collab_depth)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if config.model.dim % config.model.heads:
+        raise ConfigError(f"model.dim {config.model.dim} is not divisible by model.heads")
+    for i, bucket in enumerate(config.codec.buckets):
+        if len(bucket) != 2 or min(bucket) < 1:
+            raise ConfigError(f"codec.buckets[{i}]: expected [height, width], got {bucket}")
+    if config.codec.kind == "vae" and not config.codec.path:
+        raise ConfigError("codec.path: required for codec.kind 'vae'")
+    if config.data.source != "shapes" and not config.data.path:
+        raise ConfigError(f"data.path: required for data.source {config.data.source!r}")
+    flow_solvers, eps_solvers = ("euler", "heun"), ("ddim", "dpmpp")
+    allowed = flow_solvers if config.train.objective == "flow" else eps_solvers
+    if config.sample.solver not in allowed:
+        raise ConfigError(
+            f"sample.solver: {config.sample.solver!r} does not fit train.objective "
+            f"{config.train.objective!r}; allowed: {list(allowed)}"
+        )
+    if not 0.0 <= config.train.caption_dropout < 1.0:
+        raise ConfigError("train.caption_dropout: must be in [0, 1)")
