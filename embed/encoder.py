@@ -208,7 +208,8 @@ class PromptEncoder:
     def tokenize(self, caption: str) -> tuple[list[int], bool]:
         """Caption-dependent ids (caption, then any chat-template suffix) and a truncation flag."""
         if self.causal:
-            ids = self.tokenizer(self.caption_lead + caption, add_special_tokens=False)["input_ids"]
+            text = self.caption_lead + caption if caption else ""  # the empty caption has no tokens
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             truncated = len(ids) > self.config.max_tokens
             return list(ids[: self.config.max_tokens]) + self.suffix_ids, truncated
         ids = self.tokenizer(caption, add_special_tokens=True)["input_ids"]

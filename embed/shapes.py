@@ -37,7 +37,7 @@ BACKGROUND = (0, 0, 0)
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 SIZE_FRACTIONS = {"small": 0.25, "large": 0.44}  # box side / shorter image side: 8 and 14 px at 32
-MIN_SIDE = 16  # below this a small shape is a few pixels and no longer recognisable
+MIN_SIDE = 20  # small = 5 px; at 16 (small = 4 px) circles and triangles blur together
 GAP = 2  # minimum pixels between any two objects' boxes
 
 KIND_PROBABILITIES = {
@@ -158,7 +158,8 @@ def _caption(kind: str, mentions: list[dict], relations: list[dict]) -> tuple[st
 # ---------------------------------------------------------------------------------------
 
 
-def _place_free(rng: np.random.Generator, sides: list[int], height: int, width: int):
+def _place_free(rng: np.random.Generator, sides: list[int], height: int,
+                width: int) -> list[list[int]] | None:
     """Boxes [n, 4] for squares of the given sides, GAP apart, by rejection; None if stuck."""
     boxes = np.empty((0, 4), dtype=np.int64)
     for side in sides:
@@ -181,14 +182,15 @@ def _place_free(rng: np.random.Generator, sides: list[int], height: int, width: 
     return boxes.tolist()
 
 
-def _place_pair(rng: np.random.Generator, side_a: int, side_b: int, rel: str, height: int, width: int):
+def _place_pair(rng: np.random.Generator, sides: list[int], rel: str, height: int,
+                width: int) -> list[list[int]]:
     """Boxes for `a rel b`, separated along the relation's axis by >= GAP, with the offset
     between centres mostly along that axis (across-axis offset <= half the along-axis one),
     so the relation is clearly true and not also another one."""
     horizontal = rel in ("left of", "right of")
     a_first = rel in ("left of", "above")  # a has the smaller coordinate along the axis
     along, across = (width, height) if horizontal else (height, width)
-    s1, s2 = (side_a, side_b) if a_first else (side_b, side_a)
+    s1, s2 = sides if a_first else sides[::-1]
     lo1 = int(rng.integers(0, along - s1 - GAP - s2 + 1))
     lo2 = int(rng.integers(lo1 + s1 + GAP, along - s2 + 1))
     spread = ((lo2 + s2 / 2) - (lo1 + s1 / 2)) / 2
@@ -204,13 +206,16 @@ def _place_pair(rng: np.random.Generator, side_a: int, side_b: int, rel: str, he
     return boxes if a_first else boxes[::-1]
 
 
-def _layout(rng, kind, mentions, relations, sizes, height, width):
-    """Boxes and final size names for the objects; unnamed (or unplaceable) sizes shrink."""
+def _layout(rng: np.random.Generator, relations: list[dict], sizes: list[str], height: int,
+            width: int) -> tuple[list[list[int]], list[str]]:
+    """Boxes and final size names of the objects; sizes shrink to small when they do not fit."""
     px = size_px(height, width)
-    if kind == "relation":
-        if px[sizes[0]] + GAP + px[sizes[1]] > (width if relations[0]["rel"] in ("left of", "right of") else height):
+    if relations:
+        rel = relations[0]["rel"]
+        along = width if rel in ("left of", "right of") else height
+        if px[sizes[0]] + GAP + px[sizes[1]] > along:
             sizes = ["small", "small"]
-        return _place_pair(rng, px[sizes[0]], px[sizes[1]], relations[0]["rel"], height, width), sizes
+        return _place_pair(rng, [px[s] for s in sizes], rel, height, width), sizes
     for attempt in range(LAYOUTS):
         if attempt == LAYOUTS // 2:
             sizes = ["small"] * len(sizes)
@@ -228,7 +233,7 @@ def make_scene(seed: int, index: int, height: int = 32, width: int = 32) -> dict
     mentions, relations = _compose(rng, kind)
     owners = [m for m, mention in enumerate(mentions) for _ in range(mention["count"])]
     sizes = [mentions[m]["size"] or SIZES[rng.integers(2)] for m in owners]
-    boxes, sizes = _layout(rng, kind, mentions, relations, sizes, height, width)
+    boxes, sizes = _layout(rng, relations, sizes, height, width)
     for m, size in zip(owners, sizes):
         if mentions[m]["size"] is not None:
             mentions[m]["size"] = size  # a named size that had to shrink is named as drawn
@@ -236,7 +241,8 @@ def make_scene(seed: int, index: int, height: int = 32, width: int = 32) -> dict
     for mention, start in zip(mentions, starts):
         mention["word"] = start
     objects = [
-        {"shape": mentions[m]["shape"], "color": mentions[m]["color"], "size": size, "box": box, "mention": m}
+        {"shape": mentions[m]["shape"], "color": mentions[m]["color"], "size": size, "box": box,
+         "mention": m}
         for m, size, box in zip(owners, sizes, boxes)
     ]
     return {
@@ -264,8 +270,12 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     elif shape == "circle":  # pixel centres inside the inscribed circle
         d = centres - side / 2
         mask = d[:, None] ** 2 + d[None, :] ** 2 <= (side / 2) ** 2
-    elif shape == "triangle":  # apex up, base on the bottom row; rows centred in the box
-        widths = np.maximum(2 - side % 2, 2 * np.round((np.arange(side) + 0.5 - side % 2) / 2) + side % 2)
+    elif shape == "triangle":  # apex up, base on the bottom row
+        # Row r is about r + 1/2 wide, rounded to the side's parity so that it is centred;
+        # the apex row keeps one or two pixels so the shape touches the top of its box.
+        parity = side % 2
+        widths = 2 * np.round((np.arange(side) + 0.5 - parity) / 2) + parity
+        widths = np.maximum(widths, 2 - parity)
         mask = np.abs(centres[None, :] - side / 2) <= widths[:, None] / 2
     else:
         raise ValueError(f"unknown shape {shape!r}; allowed: {list(SHAPES)}")

@@ -76,7 +76,9 @@ def _list_manifest(path: Path, need_image: bool) -> list[dict]:
             if not raw.strip():
                 continue
             if path.suffix == ".txt":
-                rows.append({"id": f"line-{n:08d}", "caption_bytes": raw})
+                caption, error = _decode(raw)
+                rows.append({"id": f"line-{n:08d}", "caption": caption,
+                             "error": error and f"line {n + 1}: {error}"})
                 continue
             try:
                 rows.append(json.loads(raw))
@@ -91,23 +93,25 @@ def _list_manifest(path: Path, need_image: bool) -> list[dict]:
         if image is not None and not Path(image).is_absolute():
             image = str(path.parent / image)
         items.append({"id": str(row.get("id") or image or f"row-{n:08d}"), "split": row.get("split", "train"),
-                      "caption": row.get("caption"), "caption_bytes": row.get("caption_bytes"),
+                      "caption": row.get("caption"),
                       "image": image, "need_image": need_image, "error": row.get("error")})
     return items
 
 
+def _decode(raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})"
+
+
 def _caption(item: dict) -> tuple[str | None, str | None]:
     """(caption, rejection reason)."""
-    raw = item.get("caption_bytes")
+    text = item.get("caption")
     if item.get("caption_file"):
-        raw = Path(item["caption_file"]).read_bytes()
-    if raw is not None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return None, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})"
-    else:
-        text = item.get("caption")
+        text, error = _decode(Path(item["caption_file"]).read_bytes())
+        if error:
+            return None, error
     if text is None:
         return None, "missing caption"
     if not isinstance(text, str):

@@ -1,0 +1,107 @@
+"""PromptEncoder: features equal a plain transformers forward; the prefix is shared exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from embed.encoder import EncoderError, PromptEncoder
+from store.config import EncoderConfig
+
+CAPTIONS = [
+    "a red circle",
+    "a large green square to the left of a small blue triangle",
+    'two "quoted" 3 shapes\nwith a newline, émoji 🟥 and 中文',
+]
+
+
+def causal(path, **kw) -> EncoderConfig:
+    kw.setdefault("compute_dtype", "float32")
+    kw.setdefault("store_dtype", "float32")
+    return EncoderConfig(name="llm", path=str(path), kind="causal", **kw)
+
+
+def plain_hidden_states(path, ids: list[int], layer: int) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "qwen_dir"])
+@pytest.mark.parametrize("layer", [-3, -2])
+def test_causal_features_equal_plain_forward_of_prefix_and_caption(fixture, layer, request):
+    path = request.getfixturevalue(fixture)
+    enc = PromptEncoder(causal(path, layer=layer))
+    for caption, out in zip(CAPTIONS, enc.encode(CAPTIONS, batch_size=2)):
+        reference = plain_hidden_states(path, enc.prefix_ids + out.ids.tolist(), layer)
+        p = len(enc.prefix_ids)
+        assert torch.allclose(out.states, reference[p:], atol=1e-5), caption
+        assert torch.allclose(enc.prefix_states, reference[:p], atol=1e-5)
+
+
+def test_shared_prefix_equals_prefix_positions_of_different_full_forwards(llama_dir):
+    enc = PromptEncoder(causal(llama_dir))
+    p = len(enc.prefix_ids)
+    for caption in CAPTIONS:
+        full = plain_hidden_states(llama_dir, enc.prefix_ids + enc.tokenize(caption)[0], -3)
+        assert torch.allclose(full[:p], enc.prefix_states, atol=1e-5)
+
+
+def test_bos_is_added_once_at_the_start_only(llama_dir):
+    enc = PromptEncoder(causal(llama_dir))
+    bos = enc.tokenizer.bos_token_id
+    ids, _ = enc.tokenize("a red circle")
+    assert enc.prefix_ids[0] == bos and bos not in ids
+
+
+def test_bf16_storage_is_within_bf16_rounding_of_fp32(llama_dir):
+    exact = PromptEncoder(causal(llama_dir)).encode(CAPTIONS)
+    stored = PromptEncoder(causal(llama_dir, store_dtype="bfloat16")).encode(CAPTIONS)
+    for a, b in zip(exact, stored):
+        assert b.states.dtype == torch.bfloat16
+        assert torch.allclose(b.states.float(), a.states, rtol=2**-8, atol=1e-6)
+
+
+def test_bidirectional_features_equal_plain_forward(bert_dir):
+    config = EncoderConfig(name="bert", path=str(bert_dir), kind="bidirectional", layer=-1,
+                           instruction=None, compute_dtype="float32", store_dtype="float32")
+    enc = PromptEncoder(config)
+    model = AutoModel.from_pretrained(bert_dir, dtype=torch.float32).eval()
+    assert enc.prefix_ids == []
+    for out in enc.encode(CAPTIONS):
+        with torch.no_grad():
+            reference = model(torch.tensor([out.ids.tolist()]), output_hidden_states=True).hidden_states[-1][0]
+        assert torch.allclose(out.states, reference, atol=1e-5)
+
+
+def test_long_caption_is_truncated_and_flagged(llama_dir):
+    enc = PromptEncoder(causal(llama_dir, max_tokens=5))
+    short, long = enc.encode(["red", "a large green square to the left of a small blue triangle"])
+    assert not short.truncated
+    assert long.truncated and len(long.ids) == 5
+
+
+def test_chat_template_prefix_and_suffix_equal_plain_forward(llama_dir):
+    enc = PromptEncoder(causal(llama_dir, chat_template=True))
+    assert enc.suffix_ids, "the template closes the user turn after the caption"
+    out = enc.encode(["a blue square"])[0]
+    assert out.ids.tolist()[-len(enc.suffix_ids):] == enc.suffix_ids
+    reference = plain_hidden_states(llama_dir, enc.prefix_ids + out.ids.tolist(), -3)
+    assert torch.allclose(out.states, reference[len(enc.prefix_ids):], atol=1e-5)
+
+
+def test_layer_out_of_range_is_a_clear_error(llama_dir):
+    with pytest.raises(EncoderError, match="layer -9 is out of range for a model with 4 blocks"):
+        PromptEncoder(causal(llama_dir, layer=-9))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(EncoderError, match="does not exist"):
+        PromptEncoder(causal(tmp_path / "nope"))
+
+
+def test_empty_caption_is_the_unconditional_text(llama_dir):
+    enc = PromptEncoder(causal(llama_dir))
+    null = enc.null_caption()
+    assert null.states.shape == (0, enc.hidden_size)

@@ -1,0 +1,213 @@
+"""The stage-1 Ray job: stored features, bad input, kill-and-resume, `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lance
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoModel, AutoModelForCausalLM
+
+from embed.job import run_embed
+from store.config import ConfigError, build, Config, validate
+from store.reader import CacheReader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_config(tmp_path, llama_dir, bert_dir=None, source="captions", path=None, **sections) -> dict:
+    encoders = [{"name": "llm", "path": str(llama_dir), "kind": "causal", "layer": -3,
+                 "compute_dtype": "float32", "store_dtype": "bfloat16", "max_tokens": 32}]
+    if bert_dir is not None:
+        encoders.append({"name": "bert", "path": str(bert_dir), "kind": "bidirectional", "layer": -1,
+                         "instruction": None, "compute_dtype": "float32", "store_dtype": "bfloat16"})
+    raw = {"name": "t", "run_dir": str(tmp_path / "run"), "encoders": encoders,
+           "data": {"source": source, "path": str(path) if path else None, "num_train": 40, "num_eval": 8},
+           "embed": {"actors": 1, "threads_per_actor": 1, "batch_size": 8, "shard_rows": 16},
+           "codec": {"buckets": [[32, 32], [32, 48]]}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+def make_config(raw: dict) -> Config:
+    config = build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def write_captions(path: Path, n: int) -> Path:
+    words = ["red", "green", "blue", "circle", "square", "triangle", "left", "of", "a", "two"]
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(2, 12))) for _ in range(n)) + "\n")
+    return path
+
+
+def test_stored_features_equal_a_plain_forward(tmp_path, llama_dir, bert_dir, local_ray):
+    captions = write_captions(tmp_path / "captions.txt", 24)
+    config = make_config(raw_config(tmp_path, llama_dir, bert_dir, path=captions))
+    summary = run_embed(config, progress=False)
+    assert summary.written == 24 and summary.rejected == 0
+    reader = CacheReader(config.cache_path)
+    rows = [0, 7, 23]
+    batch = reader.take(rows, with_latents=False)
+    llm = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    bert = AutoModel.from_pretrained(bert_dir, dtype=torch.float32).eval()
+    table = reader.dataset.take(rows, columns=["llm__ids", "bert__ids"])
+    prefix_ids = reader.meta["encoders"][0]["prefix_ids"]
+    for i in range(len(rows)):
+        for name, model, prefix in (("llm", llm, prefix_ids), ("bert", bert, [])):
+            ids = prefix + table.column(f"{name}__ids")[i].as_py()
+            with torch.no_grad():
+                layer = -3 if name == "llm" else -1
+                reference = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+            text = batch["text"][name]
+            stored = text.states[i][text.mask[i]].float()  # prefix + caption, no padding
+            assert stored.shape == reference.shape
+            torch.testing.assert_close(stored, reference, rtol=2**-8, atol=1e-5)
+
+
+def test_text_only_rows_have_no_latent(tmp_path, llama_dir, local_ray):
+    captions = write_captions(tmp_path / "captions.txt", 5)
+    config = make_config(raw_config(tmp_path, llama_dir, path=captions))
+    run_embed(config, progress=False)
+    table = lance.dataset(str(config.cache_path / "samples.lance")).to_table(columns=["latent", "bucket"])
+    assert table.column("latent").null_count == 5
+
+
+def _save(path: Path, size=(40, 40), color=(200, 10, 10)):
+    Image.new("RGB", size, color).save(path)
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_good_rows_arrive(tmp_path, llama_dir, local_ray):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        _save(data / f"good{i}.png", size=(40 + 8 * i, 40))
+        (data / f"good{i}.txt").write_text(f"a red square number {i}")
+    _save(data / "empty.png"); (data / "empty.txt").write_text("")
+    _save(data / "blank.png"); (data / "blank.txt").write_text("  \n\t ")
+    _save(data / "latin1.png"); (data / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (data / "noimage.txt").write_text("a caption without its image")
+    _save(data / "nocaption.png")
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    (data / "corrupt.txt").write_text("a corrupt image")
+    _save(data / "tiny.png", size=(8, 8)); (data / "tiny.txt").write_text("a tiny image")
+    config = make_config(raw_config(tmp_path, llama_dir, source="folder", path=data))
+    summary = run_embed(config, progress=False)
+    assert summary.written == 6 and summary.rejected == 7
+    rejects = {r["id"]: r["reason"] for r in lance.dataset(str(config.cache_path / "rejects.lance")).to_table().to_pylist()}
+    assert rejects["empty"] == "empty caption"
+    assert rejects["blank"] == "empty caption"
+    assert rejects["latin1"].startswith("caption is not valid UTF-8")
+    assert rejects["noimage"] == "missing image"
+    assert rejects["nocaption"] == "missing caption"
+    assert rejects["corrupt"].startswith("corrupt image")
+    assert rejects["tiny"].startswith("image too small: 8x8")
+    good = lance.dataset(str(config.cache_path / "samples.lance")).to_table(columns=["id", "bucket", "latent_shape"])
+    assert sorted(good.column("id").to_pylist()) == [f"good{i}" for i in range(6)]
+    assert set(good.column("bucket").to_pylist()) == {0, 1}  # square and wide images bucketed apart
+    # A rerun skips everything: accepted and rejected ids are both committed.
+    again = run_embed(config, progress=False)
+    assert again.written == 0 and again.rejected == 0 and again.skipped == 13
+
+
+def test_layer_out_of_range_stops_before_any_work(tmp_path, llama_dir):
+    captions = write_captions(tmp_path / "captions.txt", 5)
+    raw = raw_config(tmp_path, llama_dir, path=captions)
+    raw["encoders"][0]["layer"] = 7
+    with pytest.raises(ConfigError, match=r"encoders\[0\] \(llm\): layer 7 is out of range"):
+        run_embed(make_config(raw), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key_names_the_key(tmp_path, llama_dir):
+    raw = raw_config(tmp_path, llama_dir, path="x")
+    raw["embed"]["actorz"] = 2
+    with pytest.raises(ConfigError, match=r"embed: unknown key\(s\) \['actorz'\]"):
+        make_config(raw)
+
+
+def test_cache_built_with_other_encoders_is_refused(tmp_path, llama_dir, qwen_dir, local_ray):
+    captions = write_captions(tmp_path / "captions.txt", 4)
+    run_embed(make_config(raw_config(tmp_path, llama_dir, path=captions)), progress=False)
+    from store.writer import CacheMismatch
+
+    with pytest.raises(CacheMismatch, match="encoders"):
+        run_embed(make_config(raw_config(tmp_path, qwen_dir, path=captions)), progress=False)
+
+
+@pytest.mark.slow
+def test_killed_driver_then_rerun_leaves_exactly_one_row_per_id(tmp_path, llama_dir):
+    n = 3000
+    captions = write_captions(tmp_path / "captions.txt", n)
+    raw = raw_config(tmp_path, llama_dir, path=captions, embed={"shard_rows": 16, "batch_size": 8})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    samples = tmp_path / "run" / "cache" / "samples.lance"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not samples.exists():
+        time.sleep(0.2)
+    time.sleep(0.3)  # a few shards in, mid-shard
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray workers it started
+    proc.wait()
+    partial = lance.dataset(str(samples)).count_rows()
+    assert 0 < partial < n, "kill the run mid-way"
+    result = subprocess.run([sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = lance.dataset(str(samples)).to_table(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == n
+    assert f"skipped {partial} already committed" in result.stdout
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, llama_dir):
+    captions = write_captions(tmp_path / "captions.txt", 20)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw_config(tmp_path, llama_dir, path=captions)))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # A throwaway cluster on loopback: token auth off for both the head and the client.
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    # --block keeps the head in its own process group, so the test stops exactly this
+    # cluster (`ray stop` would also kill the test's own Ray).
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port=6391", "--dashboard-port=8291",
+                             "--num-cpus=3", "--include-dashboard=true", f"--temp-dir={temp}",
+                             "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        submit = None
+        for _ in range(60):  # the dashboard takes a few seconds to accept jobs
+            submit = subprocess.run(
+                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8291",
+                 "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}),
+                 "--", sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            output = submit.stderr + submit.stdout
+            if submit.returncode == 0 or not ("Connection refused" in output or "try again" in output):
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    reader = CacheReader(tmp_path / "run" / "cache")
+    assert len(reader) == 20

@@ -1,0 +1,223 @@
+"""The networks: refiners, collaborative refiner, LI-DiT and the whole denoiser, at tiny sizes."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from train.layers import Attention
+from train.lidit import LIDIT_SIZES, LIDiT
+from train.model import TextToImageModel, count_parameters
+from train.refiner import (
+    CollaborativeRefiner,
+    LanguageTokenRefiner,
+    LanguageTokenRefinerBlock,
+    LLMInfusedDiffuser,
+)
+
+DIM, HEADS = 32, 4
+TINY_MODEL = dict(encoders=[(24, 3), (16, 0)], in_channels=4, patch=2, dim=DIM, depth=2, heads=HEADS,
+                  refiner_depth=2, collab_depth=1)
+
+
+def _perturb_zero_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every all-zero parameter (gates, adaLN, output layers) random values, so paths open."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def _mask(lengths: list[int], max_len: int) -> torch.Tensor:
+    """Right-padded mask [B, max_len], True on the first lengths[b] positions."""
+    return torch.arange(max_len)[None] < torch.tensor(lengths)[:, None]
+
+
+def _append_padding(x: torch.Tensor, mask: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `extra` tokens of garbage, masked out: [B, L, D] -> [B, L + extra, D]."""
+    garbage = 100 * torch.randn(x.shape[0], extra, x.shape[2], generator=torch.Generator().manual_seed(1))
+    return torch.cat([x, garbage], dim=1), torch.cat([mask, torch.zeros(x.shape[0], extra, dtype=torch.bool)], dim=1)
+
+
+def _text(seed: int = 0, lengths=((7, 4), (5, 2)), lens=(8, 6)):
+    """Features and masks for TINY_MODEL's two encoders, batch 2."""
+    generator = torch.Generator().manual_seed(seed)
+    features = [torch.randn(2, L, d, generator=generator) for L, (d, _) in zip(lens, TINY_MODEL["encoders"])]
+    masks = [_mask(list(n), L) for n, L in zip(lengths, lens)]
+    return features, masks
+
+
+def test_refiner_block_is_identity_at_init():
+    torch.manual_seed(0)
+    block = LanguageTokenRefinerBlock(DIM, HEADS, gate=True)
+    x, c = torch.randn(2, 6, DIM), torch.randn(2, DIM)
+    assert torch.equal(block(x, _mask([6, 3], 6), c), x)
+
+
+def test_full_attention_refiner_lets_first_token_see_last_token():
+    torch.manual_seed(0)
+    block = _perturb_zero_init(LanguageTokenRefinerBlock(DIM, HEADS, causal=False))
+    x, c, mask = torch.randn(1, 6, DIM), torch.randn(1, DIM), _mask([6], 6)
+    changed = x.clone()
+    changed[:, -1] = torch.randn(DIM)
+    assert (block(x, mask, c)[:, 0] - block(changed, mask, c)[:, 0]).abs().max() > 1e-3
+
+
+def test_causal_refiner_first_token_ignores_last_token():
+    torch.manual_seed(0)
+    block = _perturb_zero_init(LanguageTokenRefinerBlock(DIM, HEADS, causal=True))
+    x, c, mask = torch.randn(1, 6, DIM), torch.randn(1, DIM), _mask([6], 6)
+    changed = x.clone()
+    changed[:, -1] = torch.randn(DIM)
+    torch.testing.assert_close(block(x, mask, c)[:, 0], block(changed, mask, c)[:, 0], atol=1e-6, rtol=0)
+
+
+def _refiner_outputs(pad: int):
+    torch.manual_seed(0)
+    refiner = _perturb_zero_init(LanguageTokenRefiner(24, DIM, depth=2, heads=HEADS))
+    x, mask = torch.randn(2, 6, 24), _mask([6, 3], 6)
+    x, mask = _append_padding(x, mask, pad)
+    out = refiner(x, mask, torch.randn(2, DIM))
+    return out[:, :6][mask[:, :6]]  # [real tokens, D]
+
+
+def _collaborative_outputs(pad: int):
+    torch.manual_seed(0)
+    collab = _perturb_zero_init(CollaborativeRefiner(2, DIM, depth=2, heads=HEADS))
+    xs, masks = [torch.randn(2, 5, DIM), torch.randn(2, 4, DIM)], [_mask([5, 2], 5), _mask([3, 4], 4)]
+    padded = [_append_padding(x, m, pad) for x, m in zip(xs, masks)]
+    outs = collab([x for x, _ in padded], [m for _, m in padded], torch.randn(2, DIM))
+    return torch.cat([out[:, :x.shape[1]][m] for out, x, m in zip(outs, xs, masks)])
+
+
+def _lidit_outputs(pad: int):
+    torch.manual_seed(0)
+    dit = _perturb_zero_init(LIDiT(4, 2, DIM, depth=2, heads=HEADS))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
+    cond, cond_mask = _append_padding(torch.randn(2, 5, DIM), _mask([5, 2], 5), pad)
+    return dit(x, t, cond, cond_mask)
+
+
+def _model_outputs(pad: int):
+    torch.manual_seed(0)
+    model = _perturb_zero_init(TextToImageModel(**TINY_MODEL))
+    features, masks = _text()
+    padded = [_append_padding(f, m, pad) for f, m in zip(features, masks)]
+    return model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), [f for f, _ in padded], [m for _, m in padded])
+
+
+@pytest.mark.parametrize("outputs", [_refiner_outputs, _collaborative_outputs, _lidit_outputs, _model_outputs],
+                         ids=["refiner", "collaborative", "lidit", "whole_model"])
+def test_padding_does_not_change_real_token_outputs(outputs):
+    torch.testing.assert_close(outputs(pad=0), outputs(pad=5), atol=1e-5, rtol=0)
+
+
+def test_attention_rows_without_keys_output_exact_zeros():
+    torch.manual_seed(0)
+    attn = Attention(DIM, HEADS)
+    x, context = torch.randn(2, 3, DIM), torch.randn(2, 4, DIM)
+    out = attn(x, context=context, key_mask=_mask([0, 4], 4))
+    assert torch.equal(out[0], torch.zeros(3, DIM))
+    assert out[1].abs().sum() > 0
+
+
+def test_fully_padded_text_gives_no_nan():
+    torch.manual_seed(0)
+    model = _perturb_zero_init(TextToImageModel(**TINY_MODEL))
+    features, masks = _text(lengths=((0, 0), (0, 0)))
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), features, masks)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("patch, sizes", [(2, [(16, 16), (16, 32)]), (4, [(32, 24), (16, 16)])])
+def test_lidit_runs_at_several_resolutions_with_the_same_weights(patch, sizes):
+    torch.manual_seed(0)
+    dit = _perturb_zero_init(LIDiT(4, patch, DIM, depth=1, heads=HEADS))
+    cond, cond_mask = torch.randn(2, 5, DIM), _mask([5, 2], 5)
+    for H, W in sizes:
+        out = dit(torch.randn(2, 4, H, W), torch.tensor([1.0, 999.0]), cond, cond_mask)
+        assert out.shape == (2, 4, H, W)
+        assert torch.isfinite(out).all()
+
+
+def test_lidit_rejects_a_latent_the_patch_does_not_divide():
+    dit = LIDiT(4, 4, DIM, depth=1, heads=HEADS)
+    with pytest.raises(ValueError, match="18x16 is not divisible by the patch size 4"):
+        dit(torch.randn(1, 4, 18, 16), torch.tensor([1.0]), torch.randn(1, 2, DIM), _mask([2], 2))
+
+
+def test_lidit_predicts_zero_at_init():
+    dit = LIDiT(4, 2, DIM, depth=2, heads=HEADS, learn_sigma=True)
+    out = dit(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 3, DIM), _mask([3, 1], 3))
+    assert torch.equal(out, torch.zeros(2, 8, 8, 8))
+
+
+def test_instruction_tokens_are_dropped_and_branches_concatenated():
+    torch.manual_seed(0)
+    diffuser = LLMInfusedDiffuser(TINY_MODEL["encoders"], DIM, HEADS, fusion="concat")
+    features, masks = _text(lengths=((7, 4), (5, 2)), lens=(8, 6))
+    t_emb = torch.randn(2, DIM)
+    cond, cond_mask = diffuser(features, masks, t_emb)
+    assert cond.shape == (2, (8 - 3) + (6 - 0), DIM)
+    assert torch.equal(cond_mask, torch.cat([masks[0][:, 3:], masks[1]], dim=1))
+    assert cond_mask.sum(dim=1).tolist() == [(7 - 3) + 5, (4 - 3) + 2]
+    torch.testing.assert_close(cond[:, :5], diffuser.refiners[0](features[0], masks[0], t_emb)[:, 3:])
+    torch.testing.assert_close(cond[:, 5:], diffuser.refiners[1](features[1], masks[1], t_emb))
+
+
+def test_collaborative_refiner_mixes_branches():
+    torch.manual_seed(0)
+    collab = _perturb_zero_init(CollaborativeRefiner(2, DIM, depth=1, heads=HEADS))
+    a, b, c = torch.randn(1, 4, DIM), torch.randn(1, 5, DIM), torch.randn(1, DIM)
+    masks = [_mask([4], 4), _mask([5], 5)]
+    before = collab([a, b], masks, c)[0]
+    after = collab([a, torch.randn_like(b)], masks, c)[0]
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_collaborative_refiner_with_one_branch_is_the_identity():
+    collab = CollaborativeRefiner(1, DIM, depth=2, heads=HEADS)
+    x = torch.randn(2, 4, DIM)
+    assert len(list(collab.parameters())) == 0
+    assert collab([x], [_mask([4, 1], 4)], torch.randn(2, DIM))[0] is x
+
+
+def test_parameter_counts_of_paper_sizes():
+    two_llms = dict(encoders=[(4096, 32), (4096, 32)], in_channels=16)
+    counts = {}
+    for name, size in LIDIT_SIZES.items():
+        with torch.device("meta"):
+            model = TextToImageModel(**two_llms, **size)
+        assert all(p.is_meta for p in model.parameters())  # nothing was allocated
+        counts[name] = (sum(p.numel() for p in model.dit.parameters()), count_parameters({**two_llms, **size}))
+        print(f"{name}: LI-DiT {counts[name][0]:,} parameters, with the LLM-infused diffuser {counts[name][1]:,}")
+    assert 0.6e9 < counts["lidit-1b"][0] < 1.3e9
+    assert 0.6e9 < counts["lidit-1b"][1] < 1.3e9
+    assert 7e9 < counts["lidit-10b"][0] < 13e9
+    assert 7e9 < counts["lidit-10b"][1] < 13e9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_backend_without_xformers_is_a_clear_error():
+    with pytest.raises(ImportError, match="needs the xformers package"):
+        Attention(DIM, HEADS, backend="xformers")
+
+
+def test_a_few_hundred_steps_overfit_a_tiny_batch():
+    torch.manual_seed(0)
+    model = TextToImageModel(**TINY_MODEL)
+    features, masks = _text()
+    x, target, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.full((2,), 500.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(200):
+        loss = (model(x, t, features, masks) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])

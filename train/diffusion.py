@@ -1,0 +1,154 @@
+"""Training objectives: what noise is added, what the network predicts, and the loss.
+
+Two objectives, picked by name in the config:
+
+- "eps": DDPM epsilon prediction (Ho et al. 2020) over 1000 discrete steps with the
+  "linear" (beta 1e-4..0.02, as in DiT and PixArt) or "cosine" (Nichol & Dhariwal 2021)
+  schedule. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the target is eps.
+- "flow": rectified flow (Liu et al. 2022; SD3, Esser et al. 2024). t in [0, 1] is drawn
+  logit-normal (SD3's default, mean 0, std 1) or uniform; x_t = (1 - t) x0 + t eps; the
+  target is the velocity v = eps - x0, so dx_t/dt = v.
+
+Both feed the network's timestep embedder the same 0..1000 range: eps gives the integer
+step as a float, flow gives t * 1000 (`network_time`). The solvers in `sample/solvers.py`
+use `alphas_cumprod` (eps) and `network_time` (flow), nothing else.
+
+Random draws use the caller's generator, which must live on x0's device (torch's rule).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+NUM_TRAIN_STEPS = 1000  # DDPM steps; also the scale of the network's timestep input
+SCHEDULES = ("linear", "cosine")
+TIME_SAMPLINGS = ("logit_normal", "uniform")
+
+
+class Objective(ABC):
+    """A diffusion training objective: noising, network input time and regression target."""
+
+    name: str
+
+    @abstractmethod
+    def sample_training(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x0 [B, C, H, W] -> (x_t [B, C, H, W], t_net [B] float, target [B, C, H, W])."""
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error in fp32, whatever precision the network ran in."""
+        return F.mse_loss(prediction.float(), target.float())
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, 1] (as many singleton dims as `like` needs), fp32 on like's device."""
+    return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+def linear_alphas_cumprod(num_steps: int) -> torch.Tensor:
+    """DDPM's linear betas 1e-4..0.02 (scaled to 1000 steps) -> abar [num_steps], fp64."""
+    scale = 1000 / num_steps
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def cosine_alphas_cumprod(num_steps: int, offset: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine abar, with betas clipped at 0.999 as in their code."""
+    s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((s + offset) / (1 + offset) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass
+class EpsilonObjective(Objective):
+    """DDPM epsilon prediction over `num_steps` discrete steps."""
+
+    schedule: str = "linear"
+    num_steps: int = NUM_TRAIN_STEPS
+    name: str = field(default="eps", init=False)
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)  # [num_steps] fp64, CPU
+
+    def __post_init__(self) -> None:
+        builders = {"linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod}
+        if self.schedule not in builders:
+            raise ValueError(
+                f"eps objective: schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}"
+            )
+        self.alphas_cumprod = builders[self.schedule](self.num_steps)
+
+    def alpha_sigma(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer steps [B] -> (sqrt(abar), sqrt(1 - abar)), each [B] fp64 on CPU."""
+        abar = self.alphas_cumprod[steps.long().cpu()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def sample_training(self, x0, generator=None):
+        steps = torch.randint(
+            0, self.num_steps, (x0.shape[0],), generator=generator, device=x0.device
+        )  # [B]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        alpha, sigma = self.alpha_sigma(steps)
+        x_t = _per_sample(alpha, x0) * x0.float() + _per_sample(sigma, x0) * noise
+        return x_t, steps.float(), noise
+
+
+@dataclass
+class FlowObjective(Objective):
+    """Rectified flow: straight paths from data (t = 0) to noise (t = 1), velocity target."""
+
+    time_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    name: str = field(default="flow", init=False)
+
+    def __post_init__(self) -> None:
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(
+                f"flow objective: time_sampling={self.time_sampling!r}; "
+                f"allowed: {', '.join(TIME_SAMPLINGS)}"
+            )
+        if self.logit_std <= 0:
+            raise ValueError(f"flow objective: logit_std must be > 0, got {self.logit_std}")
+
+    @staticmethod
+    def network_time(t: torch.Tensor) -> torch.Tensor:
+        """t in [0, 1] -> the network's timestep input in [0, 1000], like eps's steps."""
+        return t.float() * NUM_TRAIN_STEPS
+
+    def sample_time(self, batch: int, device, generator=None) -> torch.Tensor:
+        """[B] times in (0, 1): logit-normal puts most weight on the middle (SD3, sec. 3.1)."""
+        if self.time_sampling == "uniform":
+            return torch.rand(batch, generator=generator, device=device)
+        normal = torch.randn(batch, generator=generator, device=device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * normal)
+
+    def sample_training(self, x0, generator=None):
+        t = self.sample_time(x0.shape[0], x0.device, generator)  # [B]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x0 = x0.float()
+        x_t = (1 - _per_sample(t, x0)) * x0 + _per_sample(t, x0) * noise
+        return x_t, self.network_time(t), noise - x0
+
+
+OBJECTIVES = {"eps": EpsilonObjective, "flow": FlowObjective}
+
+
+def make_objective(name: str, **options) -> Objective:
+    """Build an objective by config name; options go to its dataclass (e.g. schedule=)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r}; allowed: {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    allowed = [f.name for f in cls.__dataclass_fields__.values() if f.init]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"objective {name!r}: unknown option(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return cls(**options)

@@ -1,0 +1,206 @@
+"""Pieces shared by the language token refiner, the collaborative refiner and LI-DiT.
+
+Written once and used everywhere: RMSNorm, the attention mask helper (with its guard for
+fully padded rows), attention with QK-norm, the MLP, adaLN-Zero modulation and the
+timestep embedder. Masks are bool tensors with True = a real token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+#################################################################################
+#                               Small functions                                 #
+#################################################################################
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, L, D] scaled and shifted per sample by shift, scale [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, L, D] over the real tokens of mask [B, L] -> [B, D]; zeros for a row with none."""
+    # where(), not a product, so padding values never enter; the sum runs in fp32.
+    total = torch.where(mask.unsqueeze(-1), x, 0).sum(dim=1, dtype=torch.float32)  # [B, D]
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+    return (total / count).to(x.dtype)
+
+
+def attention_bias(
+    q_len: int, key_mask: torch.Tensor | None, causal: bool, device: torch.device | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Which keys each query may attend to, as SDPA's boolean mask (True = may attend).
+
+    key_mask [B, Lk] (True = real token) or None; causal additionally hides later tokens
+    (self-attention only, so Lk == q_len). Returns (allowed, has_keys):
+      allowed  [B|1, 1, Lq|1, Lk] bool, or None when every key is visible to every query;
+      has_keys [B|1, 1, Lq|1, 1] bool, False for a query that has no key to attend to.
+
+    The guard: a query whose keys are ALL masked (an empty text condition, a fully padded
+    sequence) gives a softmax over only -inf logits, i.e. 0/0 = NaN, and that NaN reaches the
+    gradients of every weight even if the row is later discarded. Such rows are therefore
+    opened to all keys here, which keeps the softmax finite, and the caller replaces their
+    outputs by exact zeros using `has_keys`: a query with nothing to look at receives nothing.
+    """
+    if key_mask is None and not causal:
+        return None, None
+    allowed = None
+    if key_mask is not None:
+        allowed = key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+        device = key_mask.device
+    if causal:
+        if key_mask is not None and key_mask.shape[1] != q_len:
+            raise ValueError(f"causal attention needs as many keys as queries, got {key_mask.shape[1]} vs {q_len}")
+        lower = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()  # [Lq, Lk]
+        allowed = lower[None, None] if allowed is None else allowed & lower  # [B, 1, Lq, Lk]
+    has_keys = allowed.any(dim=-1, keepdim=True)  # [B|1, 1, Lq|1, 1]
+    return allowed | ~has_keys, has_keys
+
+
+#################################################################################
+#                                 Layers                                        #
+#################################################################################
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32 and returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm: self-attention, or cross-attention to `context`.
+
+    Queries come from x; keys and values from x (self) or from context (cross). QK-norm is an
+    RMSNorm over each head's queries and keys, which bounds the attention logits (paper: used
+    in both self- and cross-attention of LI-DiT).
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, context_dim: int | None = None,
+                 backend: str = "sdpa"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention: dim={dim} is not divisible by heads={heads}")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention: backend={backend!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+        if backend == "xformers" and importlib.util.find_spec("xformers") is None:
+            raise ImportError("attention backend 'xformers' needs the xformers package "
+                              "(pip install '.[gpu]'); use backend='sdpa' otherwise")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x [B, Lq, D], context [B, Lk, Dc] or None (self), key_mask [B, Lk] -> [B, Lq, D]."""
+        source = x if context is None else context
+        B, Lq, D = x.shape
+        Lk = source.shape[1]
+        q = self.q_norm(self.q(x).view(B, Lq, self.heads, self.head_dim))  # [B, Lq, H, Dh]
+        k, v = self.kv(source).view(B, Lk, 2, self.heads, self.head_dim).unbind(dim=2)  # [B, Lk, H, Dh] each
+        k = self.k_norm(k)
+        allowed, has_keys = attention_bias(Lq, key_mask, causal, device=x.device)
+        if self.backend == "xformers":
+            out = self._xformers(q, k, v, allowed)  # [B, Lq, H, Dh]
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed
+            ).transpose(1, 2)  # [B, Lq, H, Dh]
+        out = self.proj(out.reshape(B, Lq, D))  # [B, Lq, D]
+        if has_keys is not None:
+            out = torch.where(has_keys[:, 0], out, 0)  # rows with no key get exact zeros (see attention_bias)
+        return out
+
+    def _xformers(self, q, k, v, allowed):
+        """memory_efficient_attention on [B, L, H, Dh]; the bool mask becomes an additive bias."""
+        import xformers.ops
+
+        bias = None
+        if allowed is not None:
+            B, Lq, H, _ = q.shape
+            Lk = k.shape[1]
+            # xformers wants the bias materialised per head, its rows 8-aligned in memory.
+            padded = math.ceil(Lk / 8) * 8
+            bias = torch.zeros(B, H, Lq, padded, dtype=q.dtype, device=q.device)[..., :Lk]
+            bias.masked_fill_(~allowed, float("-inf"))
+        return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
+class Mlp(nn.Module):
+    """Transformer FFN: Linear -> GELU (tanh approximation, as DiT) -> Linear."""
+
+    def __init__(self, dim: int, hidden_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * hidden_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AdaLNZero(nn.Module):
+    """Modulation: c [B, D] -> `n` vectors [B, D] (shifts, scales, gates) via SiLU + Linear.
+
+    The Linear is zero-initialised, so every shift, scale and gate starts at 0: a gated
+    residual branch then adds nothing and its block is exactly the identity at init.
+    """
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(c)).chunk(self.n, dim=-1)  # n x [B, D]
+
+
+class TimestepEmbedder(nn.Module):
+    """Float timesteps [B] -> [B, D]: sinusoidal features of (scale * t), then a 2-layer MLP.
+
+    The training objectives feed t in [0, 1000) (scale=1); a caller with t in [0, 1] passes
+    scale=1000 so the sinusoid frequencies cover the same range.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1.0, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.scale = scale
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] float -> [B, freq_dim] cos/sin features (GLIDE/DiT convention), fp32."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # [half]
+        args = self.scale * t.float()[:, None] * freqs[None]  # [B, half]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2 * half]
+        if self.freq_dim % 2:
+            features = F.pad(features, (0, 1))
+        return features
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))  # [B, D]

@@ -1,0 +1,171 @@
+"""LI-DiT: a DiT with cross-attention to the text condition, QK-norm and a conv position embedding.
+
+Data flow: latents [B, C, H, W] -> PatchEmbed -> ConvPositionEmbedding (a ResBlock on the
+token grid, no position table, so any H, W divisible by the patch works) -> LIDiTBlocks
+(self-attention, cross-attention to the text, FFN, all adaLN-modulated by timestep + pooled
+text) -> FinalLayer -> unpatchify.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from train.layers import AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate
+
+# Model sizes, like DiT's factories. 10B's 44 heads keep DiT's head width of 64.
+LIDIT_SIZES = {
+    "lidit-1b": dict(depth=28, dim=1152, heads=16, patch=2),
+    "lidit-10b": dict(depth=48, dim=2816, heads=44, patch=2),
+}
+
+
+#################################################################################
+#                       Patchify and position embedding                          #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: [B, C, H, W] -> token grid [B, D, H/p, W/p]."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {self.patch}")
+        return self.proj(x)  # [B, D, h, w]
+
+
+class ConvPositionEmbedding(nn.Module):
+    """A convolutional ResBlock on the token grid: position from the convolutions' zero padding.
+
+    x + conv(SiLU(GN(conv(SiLU(GN(x)))))). No position table, so the same weights serve every
+    resolution and aspect ratio. The second conv is zero-initialised (as ADM's ResBlocks), so
+    the block starts as the identity and learns how much position to add.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        groups = math.gcd(32, dim)  # 32 groups, or the largest power of two below that divides dim
+        self.norm1 = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.act = nn.SiLU()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))  # [B, D, h, w]
+        h = self.conv2(self.act(self.norm2(h)))  # [B, D, h, w]
+        return x + h
+
+
+#################################################################################
+#                                 LI-DiT blocks                                 #
+#################################################################################
+
+class LIDiTBlock(nn.Module):
+    """Self-attention, cross-attention to the text, FFN; adaLN-Zero from c (9 vectors).
+
+    Each sub-layer: x + gate * sublayer(modulate(norm(x), shift, scale)). The adaLN Linear is
+    zero-initialised, so every gate starts at 0 and the block is the identity at init.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 text_dim: int | None = None, backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(dim, heads, qk_norm, context_dim=text_dim, backend=backend)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.adaLN = AdaLNZero(dim, 9)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D], c [B, D], cond [B, L, Dt], cond_mask [B, L] -> [B, N, D]."""
+        (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN(c)  # [B, D] each
+        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa))
+        x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift_ca, scale_ca),
+                                                       context=cond, key_mask=cond_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN shift/scale + Linear to patch * patch * out_channels; all zero-initialised."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = AdaLNZero(dim, 2)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        nn.init.zeros_(self.linear.weight)  # the network predicts exactly 0 at init
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c)  # [B, D] each
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, p * p * C_out]
+
+
+#################################################################################
+#                                    LI-DiT                                     #
+#################################################################################
+
+class LIDiT(nn.Module):
+    """Diffusion transformer conditioned on a text token sequence (the LLM-infused Diffuser's output).
+
+    text_dim: width of the condition tokens (None: dim). The modulation input is
+    c = t_emb + Linear(masked_mean(cond)): timestep and pooled text, as in the paper.
+    Owns the TimestepEmbedder; `timestep_embedding(t)` lends it to the refiners.
+    """
+
+    def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 text_dim: int | None = None, learn_sigma: bool = False, backend: str = "sdpa"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch = patch
+        self.x_embedder = PatchEmbed(in_channels, dim, patch)
+        self.pos_embed = ConvPositionEmbedding(dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.text_pool = nn.Linear(text_dim or dim, dim)
+        self.blocks = nn.ModuleList([
+            LIDiTBlock(dim, heads, mlp_ratio, text_dim=text_dim, backend=backend) for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(dim, patch, self.out_channels)
+
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] float (0..1000) -> [B, D]."""
+        return self.t_embedder(t)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, h * w, p * p * C] -> [B, C, h * p, w * p]."""
+        p, C = self.patch, self.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        x = torch.einsum("bhwpqc->bchpwq", x)
+        return x.reshape(x.shape[0], C, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
+                t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] float, cond [B, L, Dt], cond_mask [B, L] -> [B, C_out, H, W].
+
+        t_emb: timestep_embedding(t) if the caller already computed it (the refiners use it too).
+        """
+        x = self.pos_embed(self.x_embedder(x))  # [B, D, h, w]
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, N = h * w, D]
+        if t_emb is None:
+            t_emb = self.timestep_embedding(t)  # [B, D]
+        c = t_emb + self.text_pool(masked_mean(cond, cond_mask))  # [B, D]
+        for block in self.blocks:
+            x = block(x, c, cond, cond_mask)  # [B, N, D]
+        x = self.final_layer(x, c)  # [B, N, p * p * C_out]
+        return self.unpatchify(x, h, w)  # [B, C_out, H, W]
