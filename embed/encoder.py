@@ -326,3 +326,11 @@ def _truncate(model, blocks: int):
             model.pooler = None
         return model
     raise EncoderError(f"don't know how to truncate {type(model).__name__}")
+
+
+def encoder_config_from_meta(record: dict) -> EncoderConfig:
+    """Rebuild the EncoderConfig that produced a cache's encoder record (check, sampling)."""
+    return EncoderConfig(name=record["name"], path=record["path"], kind=record["kind"], layer=record["layer"],
+                         instruction=record["instruction"], chat_template=record["chat_template"],
+                         max_tokens=record["max_tokens"], compute_dtype=record["compute_dtype"],
+                         store_dtype=record["store_dtype"])

@@ -70,8 +70,7 @@ def check_cache(path: str | Path, recompute: int = 0, seed: int = 0, log=print) 
 
 def _recompute(reader: CacheReader, n: int, seed: int, log) -> dict:
     """Re-encode n random rows with the encoders in the metadata; max |stored - fresh|."""
-    from embed.encoder import PromptEncoder
-    from store.config import EncoderConfig
+    from embed.encoder import PromptEncoder, encoder_config_from_meta
 
     rows = np.random.default_rng(seed).choice(len(reader), size=n, replace=False)
     columns = ["caption"] + [f"{e['name']}__{c}" for e in reader.encoders for c in ("ids", "states")]
@@ -80,11 +79,7 @@ def _recompute(reader: CacheReader, n: int, seed: int, log) -> dict:
     result = {}
     for enc in reader.encoders:
         name = enc["name"]
-        config = EncoderConfig(name=name, path=enc["path"], kind=enc["kind"], layer=enc["layer"],
-                               instruction=enc["instruction"], chat_template=enc["chat_template"],
-                               max_tokens=enc["max_tokens"], compute_dtype=enc["compute_dtype"],
-                               store_dtype=enc["store_dtype"])
-        encoder = PromptEncoder(config)
+        encoder = PromptEncoder(encoder_config_from_meta(enc))
         if encoder.model_hash != enc["model_hash"]:
             raise CheckFailed(f"{name}: model at {enc['path']} changed since the cache was built")
         flat, offsets = states_from_column(table.column(f"{name}__states"), enc["store_dtype"], enc["hidden_size"])

@@ -129,6 +129,7 @@ class Config:
     name: str
     encoders: list[EncoderConfig]
     run_dir: str | None = None  # default: runs/<name>
+    cache_dir: str | None = None  # default: <run_dir>/cache; ablations can share one cache
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -143,7 +144,7 @@ class Config:
 
     @property
     def cache_path(self) -> Path:
-        return self.run_path / "cache"
+        return Path(self.cache_dir) if self.cache_dir else self.run_path / "cache"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -107,3 +107,38 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def tiny_raw_config(tmp_path: Path, llama_dir: Path, bert_dir: Path | None = None, **sections) -> dict:
+    """A complete config dict for a tiny shapes run: tiny encoders, tiny model, few rows."""
+    encoders = [{"name": "llm", "path": str(llama_dir), "kind": "causal", "layer": -3,
+                 "compute_dtype": "float32", "store_dtype": "bfloat16", "max_tokens": 32}]
+    if bert_dir is not None:
+        encoders.append({"name": "bert", "path": str(bert_dir), "kind": "bidirectional", "layer": -1,
+                         "instruction": None, "compute_dtype": "float32", "store_dtype": "bfloat16"})
+    raw = {
+        "name": "tiny", "run_dir": str(tmp_path / "run"), "encoders": encoders,
+        "data": {"source": "shapes", "num_train": 48, "num_eval": 8, "height": 32, "width": 32},
+        "embed": {"actors": 1, "threads_per_actor": 1, "batch_size": 16, "shard_rows": 32},
+        "codec": {"buckets": [[32, 32]]},
+        "model": {"dim": 32, "depth": 1, "heads": 2, "patch": 8, "refiner_depth": 1, "collab_depth": 1},
+        "train": {"steps": 8, "batch_size": 8, "warmup_steps": 2, "precision": "32-true", "log_every": 1,
+                  "checkpoint_every": 4, "lr": 1e-3},
+        "sample": {"steps": 2, "batch_size": 4, "prompts": ["a red circle", "a blue square"]},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, llama_dir, bert_dir, local_ray) -> dict:
+    """A shapes cache embedded once per session by the real Ray job; returns its raw config."""
+    from embed.job import run_embed
+    from store.config import Config, build, validate
+
+    raw = tiny_raw_config(tmp_path_factory.mktemp("tiny"), llama_dir, bert_dir)
+    config = build(Config, raw, "")
+    validate(config)
+    run_embed(config, progress=False)
+    return raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from store.config import ModelConfig
 from train.lidit import LIDiT
 from train.refiner import LLMInfusedDiffuser
 
@@ -31,6 +32,7 @@ class TextToImageModel(nn.Module):
                 masks: list[torch.Tensor]) -> torch.Tensor:
         """x [B, C, H, W], t [B] float (0..1000), features: n x [B, L_i, in_dim_i], masks: n x [B, L_i] bool
         -> [B, C_out, H, W]."""
+        features = [f.to(x.dtype) for f in features]  # the cache stores bf16; compute in x's dtype
         t_emb = self.dit.timestep_embedding(t)  # [B, D]
         cond, cond_mask = self.diffuser(features, masks, t_emb)  # [B, L, D], [B, L]
         return self.dit(x, t, cond, cond_mask, t_emb=t_emb)
@@ -41,3 +43,26 @@ def count_parameters(build_kwargs: dict) -> int:
     with torch.device("meta"):
         model = TextToImageModel(**build_kwargs)
     return sum(p.numel() for p in model.parameters())
+
+
+def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
+    """TextToImageModel arguments from the model config and the cache's metadata.
+
+    `encoders` are the cache's encoder records (hidden_size, prefix_len) in the order the
+    model consumes them; `codec` gives the latent channels.
+    """
+    return {
+        "encoders": [(e["hidden_size"], e["prefix_len"]) for e in encoders],
+        "in_channels": codec["channels"],
+        "patch": model.patch,
+        "dim": model.dim,
+        "depth": model.depth,
+        "heads": model.heads,
+        "mlp_ratio": model.mlp_ratio,
+        "refiner_depth": model.refiner_depth,
+        "collab_depth": model.collab_depth,
+        "fusion": model.fusion,
+        "gate": model.gate,
+        "causal": model.causal_refiner,
+        "backend": model.attention_backend,
+    }

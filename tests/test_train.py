@@ -1,0 +1,126 @@
+"""Stage 2: Lightning trains from the cache only; resumes exactly; refuses a wrong cache."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from store.config import Config, build, validate
+from store.reader import CacheError
+from train.__main__ import run_train
+from train.data import BucketBatchSampler
+from train.export import load_exported
+
+
+def config_for(tiny_cache: dict, tmp_path, **sections) -> Config:
+    raw = copy.deepcopy(tiny_cache)
+    raw["cache_dir"] = f"{tiny_cache['run_dir']}/cache"  # train many runs on one cache
+    raw["run_dir"] = str(tmp_path / "run")
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    config = build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def losses(config: Config) -> pd.Series:
+    frame = pd.read_csv(config.run_path / "logs" / "metrics.csv")
+    frame = frame.dropna(subset=["train/loss"])
+    return frame.set_index("step")["train/loss"]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path):
+    straight = config_for(tiny_cache, tmp_path / "a", train={"steps": 8})
+    run_train(straight, progress=False)
+    interrupted = config_for(tiny_cache, tmp_path / "b", train={"steps": 4})
+    run_train(interrupted, progress=False)  # stops at step 4 and leaves last.ckpt
+    resumed = config_for(tiny_cache, tmp_path / "b", train={"steps": 8})
+    summary = run_train(resumed, progress=False)
+    assert summary["steps"] == 8
+    a, b = losses(straight), losses(resumed)
+    assert list(a.index) == list(range(8)) and list(b.index) == [4, 5, 6, 7]  # the log goes on
+    np.testing.assert_allclose(b.to_numpy(), a.loc[4:].to_numpy(), rtol=1e-6)
+
+
+def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:
+    """The objective's loss on fixed noise and timesteps: comparable across checkpoints."""
+    generator = torch.Generator().manual_seed(seed)
+    x_t, t, target = objective.sample_training(batch["latents"], generator)
+    features = [batch["text"][n].states for n in encoders]
+    masks = [batch["text"][n].mask for n in encoders]
+    with torch.no_grad():
+        return objective.loss(model(x_t, t, features, masks), target).item()
+
+
+def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_path):
+    from store.reader import CacheReader
+
+    config = config_for(tiny_cache, tmp_path, train={"steps": 120, "lr": 3e-3, "caption_dropout": 0.0})
+    run_train(config, progress=False)
+    trained = load_exported(config.run_path / "checkpoints", ema=False)
+    start = config_for(tiny_cache, tmp_path / "start", train={"steps": 0})
+    run_train(start, progress=False)
+    initial = load_exported(start.run_path / "checkpoints", ema=False)
+    batch = CacheReader(config.cache_path).take(range(48))
+    names = [e["name"] for e in trained.encoders]
+    before = fixed_draw_loss(initial.model, initial.objective, batch, names)
+    after = fixed_draw_loss(trained.model, trained.objective, batch, names)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_exported_weights_rebuild_the_model_without_the_cache(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, train={"steps": 2})
+    run_train(config, progress=False)
+    exported = load_exported(config.run_path / "checkpoints")
+    assert exported.step == 2
+    assert [e["name"] for e in exported.encoders] == ["llm", "bert"]
+    raw = load_exported(config.run_path / "checkpoints", ema=False).model
+    live = [p for p in raw.parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(exported.model.parameters(), live)), "EMA differs from raw"
+
+
+def test_a_cache_built_with_another_layer_is_refused(tiny_cache, tmp_path):
+    raw = copy.deepcopy(tiny_cache)
+    raw["encoders"][0]["layer"] = -2
+    raw["cache_dir"] = f"{tiny_cache['run_dir']}/cache"
+    raw["run_dir"] = str(tmp_path / "run")
+    config = build(Config, raw, "")
+    with pytest.raises(CacheError, match=r"encoders\.llm\.layer: cache has -3, config wants -2"):
+        run_train(config, progress=False)
+
+
+def test_an_exploding_loss_fails_early_and_clearly(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, train={"steps": 50, "lr": 1e12, "warmup_steps": 1, "grad_clip": 0.0})
+    with pytest.raises(FloatingPointError, match="loss is .* at step"):
+        run_train(config, progress=False)
+
+
+def test_model_uses_only_the_encoders_the_config_names(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, model={"encoders": ["bert"]}, train={"steps": 1})
+    run_train(config, progress=False)
+    assert [e["name"] for e in load_exported(config.run_path / "checkpoints").encoders] == ["bert"]
+
+
+def test_bucket_sampler_keeps_one_bucket_per_batch_and_shards_ranks_disjointly():
+    buckets = {0: np.arange(0, 40), 1: np.arange(40, 64)}
+    ranks = [BucketBatchSampler(buckets, 8, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for sampler in ranks:
+        batches = sampler.epoch_batches(0)
+        for batch in batches:
+            assert len({int(r >= 40) for r in batch}) == 1
+        seen += [int(r) for b in batches for r in b]
+    assert len(seen) == len(set(seen)) == 64
+
+
+def test_bucket_sampler_resumes_mid_stream():
+    buckets = {0: np.arange(100)}
+    full = BucketBatchSampler(buckets, 10, seed=3)
+    stream = iter(full)
+    expected = [next(stream) for _ in range(25)]
+    resumed = iter(BucketBatchSampler(buckets, 10, seed=3, start_step=lambda: 17))
+    assert [next(resumed) for _ in range(8)] == expected[17:25]

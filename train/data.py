@@ -1,0 +1,114 @@
+"""The LightningDataModule over the feature cache: one aspect-ratio bucket per batch.
+
+Batch k of training is a pure function of (seed, k): the sampler shuffles each bucket's
+rows per epoch, cuts them into batches, shuffles the batch order, and deals the batches
+round-robin to the ranks. It starts at the trainer's restored global step, so a resumed
+run sees exactly the batches an uninterrupted run would have seen.
+
+Caption dropout (for classifier-free guidance) swaps a row's caption states for the
+stored unconditional ones; which rows drop is also a function of (seed, step).
+
+Workers open the Lance dataset themselves (CacheReader reopens after a process change)
+and read only the rows of their batches; they start with `spawn`, since Lance is not
+fork-safe (FACTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from store.config import Config
+from store.reader import CacheReader
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Infinite stream of same-bucket batches; batch k depends only on (seed, k)."""
+
+    def __init__(self, buckets: dict[int, np.ndarray], batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_step: Callable[[], int] = lambda: 0):
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_step = start_step
+        self.buckets = {b: rows for b, rows in buckets.items() if len(rows) >= batch_size}
+        if not self.buckets:
+            sizes = {b: len(r) for b, r in buckets.items()}
+            raise ValueError(f"no bucket holds a full batch of {batch_size} rows (rows per bucket: {sizes})")
+        per_epoch = sum(len(rows) // batch_size for rows in self.buckets.values())
+        self.steps_per_epoch = per_epoch // world_size  # every rank takes the same number
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{per_epoch} batches per epoch cannot feed {world_size} ranks")
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for bucket in sorted(self.buckets):
+            rows = rng.permutation(self.buckets[bucket])
+            usable = len(rows) // self.batch_size * self.batch_size
+            batches += list(rows[:usable].reshape(-1, self.batch_size))
+        order = rng.permutation(len(batches))
+        mine = [batches[i] for i in order][self.rank :: self.world_size]
+        return mine[: self.steps_per_epoch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step()
+        epoch, position = divmod(step, self.steps_per_epoch)
+        while True:
+            batches = self.epoch_batches(epoch)
+            for batch in batches[position:]:
+                yield [int(r) for r in batch]
+            epoch, position = epoch + 1, 0
+
+    def __len__(self) -> int:  # "infinite": training length is set by max_steps
+        return 1 << 40
+
+
+class CachedBatches(Dataset):
+    """dataset[rows] -> one training batch (reader.take), with seeded caption dropout."""
+
+    def __init__(self, reader: CacheReader, caption_dropout: float, seed: int):
+        self.reader, self.caption_dropout, self.seed = reader, caption_dropout, seed
+
+    def __getitem__(self, rows: list[int]) -> dict:
+        rng = np.random.default_rng([self.seed, 7919, *rows[:4], len(rows)])
+        drop = rng.random(len(rows)) < self.caption_dropout
+        batch = self.reader.take(rows, drop_text=drop)
+        batch.pop("ids")
+        batch.pop("captions")
+        return batch
+
+
+class CacheDataModule(L.LightningDataModule):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.reader: CacheReader | None = None
+        self.buckets: dict[int, np.ndarray] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.reader is not None:
+            return
+        self.reader = CacheReader(self.config.cache_path, encoders=self.config.model.encoders)
+        split = self.reader.column("split")
+        bucket = self.reader.column("bucket")
+        train = np.flatnonzero((split == "train") & ~np.isnan(bucket.astype(float)))
+        self.buckets = {int(b): train[bucket[train] == b] for b in np.unique(bucket[train])}
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = BucketBatchSampler(
+            self.buckets, self.config.train.batch_size, self.config.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            start_step=(lambda: trainer.global_step) if trainer else (lambda: 0),
+        )
+        workers = self.config.train.num_workers
+        return DataLoader(
+            CachedBatches(self.reader, self.config.train.caption_dropout, self.config.seed),
+            sampler=sampler, batch_size=None, num_workers=workers,
+            multiprocessing_context="spawn" if workers else None,
+            persistent_workers=workers > 0,
+        )

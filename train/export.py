@@ -1,0 +1,80 @@
+"""Weights for sampling: safetensors (EMA and raw) with the config and cache metadata.
+
+    checkpoints/ema.safetensors, model.safetensors   the denoiser's weights
+    checkpoints/model.json                           build arguments, config, cache metadata, step
+    checkpoints/text_constants.safetensors           prefix and unconditional text states
+
+Sampling loads these and never needs the cache, the Lightning checkpoint or pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from store.config import Config, build
+from store.reader import CacheReader
+from train.diffusion import Objective, make_objective
+from train.model import TextToImageModel
+
+
+class ExportError(FileNotFoundError):
+    """No exported weights where they were expected."""
+
+
+def export(module, reader: CacheReader, out_dir: str | Path, step: int) -> Path:
+    """Write the module's raw and EMA weights, its build arguments and the text constants."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, net in (("model", module.model), ("ema", module.ema)):
+        state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+        save_file(state, str(out / f"{name}.safetensors"))
+    constants = {}
+    for name in module.encoder_names:
+        constants[f"{name}.prefix_states"] = reader.prefix[name].contiguous()
+        constants[f"{name}.null_states"] = reader.null[name].contiguous()
+    save_file(constants, str(out / "text_constants.safetensors"))
+    info = {"build": module.kwargs, "config": module.config.to_dict(), "cache_meta": reader.meta,
+            "encoders": module.encoder_names, "step": step}
+    (out / "model.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+@dataclass
+class Exported:
+    model: TextToImageModel
+    config: Config
+    cache_meta: dict
+    encoders: list[dict]  # the cache's encoder records the model consumes, in order
+    objective: Objective
+    prefix: dict[str, torch.Tensor]
+    null: dict[str, torch.Tensor]
+    step: int
+
+
+def load_exported(checkpoint_dir: str | Path, ema: bool = True) -> Exported:
+    folder = Path(checkpoint_dir)
+    if not (folder / "model.json").is_file():
+        raise ExportError(f"no exported model in {folder} (model.json missing); run `make train` first")
+    info = json.loads((folder / "model.json").read_text())
+    build_args = dict(info["build"])
+    build_args["encoders"] = [tuple(e) for e in build_args["encoders"]]
+    model = TextToImageModel(**build_args)
+    weights = load_file(str(folder / ("ema.safetensors" if ema else "model.safetensors")))
+    model.load_state_dict(weights, strict=True)
+    model.eval().requires_grad_(False)
+    constants = load_file(str(folder / "text_constants.safetensors"))
+    by_name = {e["name"]: e for e in info["cache_meta"]["encoders"]}
+    config = build(Config, info["config"], "")
+    return Exported(
+        model=model, config=config, cache_meta=info["cache_meta"],
+        encoders=[by_name[n] for n in info["encoders"]],
+        objective=make_objective(config.train.objective),
+        prefix={n: constants[f"{n}.prefix_states"] for n in info["encoders"]},
+        null={n: constants[f"{n}.null_states"] for n in info["encoders"]},
+        step=info["step"],
+    )

@@ -1,0 +1,75 @@
+"""The LightningModule: the model, the diffusion loss, AdamW with warm-up, EMA weights.
+
+The Trainer owns devices, precision, gradient clipping and checkpoints. The noise and
+timesteps of step k come from a generator seeded by (seed, k), so a resumed run
+reproduces an uninterrupted one exactly (with the sampler in train/data.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from store.config import Config, build
+from train.diffusion import make_objective
+from train.model import TextToImageModel, build_kwargs
+
+
+class LIDiTModule(L.LightningModule):
+    def __init__(self, config: dict, cache_meta: dict):
+        """`config` is Config.to_dict(); `cache_meta` the cache's meta.json (both saved in
+        the checkpoint, so a checkpoint alone rebuilds the model)."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.config: Config = build(Config, config, "")
+        by_name = {e["name"]: e for e in cache_meta["encoders"]}
+        names = self.config.model.encoders or [e["name"] for e in cache_meta["encoders"]]
+        self.encoder_names = list(names)
+        self.kwargs = build_kwargs(self.config.model, [by_name[n] for n in names], cache_meta["codec"])
+        self.model = TextToImageModel(**self.kwargs)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.objective = make_objective(self.config.train.objective)
+
+    def forward(self, x, t, features, masks):
+        return self.model(x, t, features, masks)
+
+    def _inputs(self, batch: dict) -> tuple[list, list]:
+        text = [batch["text"][name] for name in self.encoder_names]
+        return [f.states for f in text], [f.mask for f in text]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"]  # [B, C, h, w]
+        generator = torch.Generator(device=x0.device).manual_seed(self.config.seed * 1_000_003 + self.global_step)
+        x_t, t, target = self.objective.sample_training(x0, generator)
+        features, masks = self._inputs(batch)
+        prediction = self.model(x_t, t, features, masks)
+        loss = self.objective.loss(prediction, target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step}; lower train.lr or check the cache"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = self.config.train.ema_decay
+        # Warm the EMA up: early on, an average over a few steps beats a stale init.
+        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        for ema, live in zip(self.ema.parameters(), self.model.parameters()):
+            ema.lerp_(live.detach(), 1.0 - decay)
+
+    def configure_optimizers(self):
+        train = self.config.train
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                      betas=(0.9, 0.999))
+        warmup = max(1, train.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
