@@ -155,7 +155,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _load_yaml_with_base(path)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -165,6 +165,35 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     config = build(Config, raw, "")
     validate(config)
     return config
+
+
+def _load_yaml_with_base(path: Path, seen: tuple = ()) -> dict:
+    """A recipe may start from another: `base: default.yaml` (relative to this file).
+    Mappings merge key by key; lists and values replace the base's; `name` is not inherited."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} not found at {base_path}")
+    inherited = _load_yaml_with_base(base_path, seen + (path.resolve(),))
+    inherited.pop("name", None)  # a recipe's name (and so its run_dir) is its own
+    return _merge(inherited, raw)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _set_dotted(raw: dict, keys: list[str], value) -> None:
@@ -254,6 +283,11 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"encoders[{i}]: a bidirectional encoder takes no instruction or chat "
                 "template (its prefix cannot be shared; the paper's T5 role has none)"
+            )
+        if enc.backend == "vllm":
+            raise ConfigError(
+                f"encoders[{i}].backend: 'vllm' is not implemented yet (no installed vLLM returns "
+                "per-token states of an intermediate layer here); use 'transformers'"
             )
         if enc.max_tokens < 1:
             raise ConfigError(f"encoders[{i}].max_tokens: must be >= 1")

@@ -124,3 +124,14 @@ def test_bucket_sampler_resumes_mid_stream():
     expected = [next(stream) for _ in range(25)]
     resumed = iter(BucketBatchSampler(buckets, 10, seed=3, start_step=lambda: 17))
     assert [next(resumed) for _ in range(8)] == expected[17:25]
+
+
+@pytest.mark.slow
+def test_ray_train_runs_the_lightning_trainer_on_two_workers(tiny_cache, tmp_path, local_ray):
+    from train.ray_train import run_ray_train
+
+    config = config_for(tiny_cache, tmp_path, train={"steps": 4, "accelerator": "cpu"})
+    result = run_ray_train(config, workers=2, gpus=False, progress=False)
+    assert result.error is None
+    exported = load_exported(config.run_path / "checkpoints")
+    assert exported.step == 4

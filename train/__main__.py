@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from store.config import Config, ConfigError, load_config
@@ -36,11 +37,13 @@ def make_trainer(config: Config, checkpoint_dir: Path, progress: bool = True, **
     train = config.train
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
-    loggers = [CSVLogger(config.run_path, name="logs", version=""),
+    loggers = [CSVLogger(config.run_path, name="logs", version="", flush_logs_every_n_steps=10),
                TensorBoardLogger(config.run_path, name="tensorboard", version="")]
     kwargs = dict(
         max_steps=train.steps, precision=train.precision, accelerator=train.accelerator, devices=train.devices,
-        strategy=train.strategy, gradient_clip_val=train.grad_clip, callbacks=[checkpoint], logger=loggers,
+        strategy=train.strategy, gradient_clip_val=train.grad_clip, logger=loggers,
+        # tqdm, not rich: it also prints readable periodic lines when stdout is a log file
+        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else []),
         log_every_n_steps=train.log_every, enable_progress_bar=progress, limit_val_batches=0,
         num_sanity_val_steps=0, enable_model_summary=progress, use_distributed_sampler=False,
         max_time=timedelta(minutes=train.max_minutes) if train.max_minutes else None,
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
     args = parser.parse_args(argv)
+    # The EMA copy is in eval mode on purpose; the LeafSpec notice is Lightning's own.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     try:
         config = load_config(args.config, args.overrides)
         summary = run_train(config, fresh=args.fresh)

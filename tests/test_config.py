@@ -1,0 +1,63 @@
+"""Recipes: every shipped config loads; paper sizes have the parameter counts they imply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from store.config import ConfigError, load_config
+from train.model import build_kwargs, count_parameters
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.name == path.stem
+
+
+def paper_encoders(config) -> list[dict]:
+    """What a cache of LLaMA3-8B and Qwen1.5-7B would record (both hidden 4096)."""
+    return [{"hidden_size": 4096, "prefix_len": 32} for _ in config.encoders]
+
+
+@pytest.mark.parametrize("name, low, high", [("lidit-1b", 0.9e9, 1.3e9), ("lidit-10b", 9e9, 12e9)])
+def test_paper_sizes_imply_their_parameter_counts_without_allocating(name, low, high):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    kwargs = build_kwargs(config.model, paper_encoders(config), {"channels": 16})
+    n = count_parameters(kwargs)  # built on the meta device
+    print(f"{name}: {n:,} parameters")
+    assert low < n < high
+
+
+def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
+    config = load_config(CONFIGS / "ablations" / "concat-fusion.yaml")
+    default = load_config(CONFIGS / "default.yaml")
+    assert config.model.fusion == "concat" and default.model.fusion == "collaborative"
+    assert config.model.dim == default.model.dim
+    assert str(config.run_path) == "runs/concat-fusion"
+    assert config.cache_path == default.cache_path
+
+
+def test_override_sets_a_nested_value():
+    config = load_config(CONFIGS / "default.yaml", ["model.refiner_depth=3", "encoders.0.layer=-2"])
+    assert config.model.refiner_depth == 3 and config.encoders[0].layer == -2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.fusion=sum", r"model.fusion: 'sum' is not one of \['collaborative', 'concat'\]"),
+    ("sample.solver=ddim", r"sample.solver: 'ddim' does not fit train.objective 'flow'"),
+    ("model.encoders=[gpt]", r"model.encoders: \['gpt'\] not among encoders"),
+    ("train.steps=many", r"train.steps: expected an integer"),
+    ("encoders.0.layer=0", r"encoders\[0\].layer: 0 is the embedding layer"),
+])
+def test_bad_values_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "default.yaml", [override])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

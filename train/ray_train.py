@@ -1,0 +1,83 @@
+"""Training on a Ray cluster: Ray Train runs the same Lightning trainer on N workers (DDP).
+
+    python -m train.ray_train --config configs/lidit-1b.yaml --workers 8 --gpus
+    RAY_ADDRESS=http://head:8265 ray job submit --working-dir . -- \
+        python -m train.ray_train --config configs/lidit-1b.yaml --workers 8 --gpus
+
+Each worker builds the module and data module from the config; the sampler reads the
+worker's rank and world size from the trainer, so the ranks read disjoint batches. The
+cache (and run_dir) must be on storage every worker can read: a shared file system or
+object storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import lightning as L
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    from store.config import Config, build
+    from train.__main__ import make_trainer, open_cache
+    from train.data import CacheDataModule
+    from train.export import export
+    from train.module import LIDiTModule
+
+    config = build(Config, loop_config["config"], "")
+    reader = open_cache(config)
+    L.seed_everything(config.seed, verbose=False)
+    module = LIDiTModule(config.to_dict(), reader.meta)
+    checkpoint_dir = config.run_path / "checkpoints"
+    trainer = make_trainer(config, checkpoint_dir, progress=loop_config["progress"], devices="auto",
+                           accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
+    trainer = prepare_trainer(trainer)
+    resume = checkpoint_dir / "last.ckpt"
+    trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() else None,
+                weights_only=True)
+    trainer.save_checkpoint(resume)  # rank 0 writes; every rank must call it (a collective)
+    if trainer.global_rank == 0:
+        export(module, reader, checkpoint_dir, trainer.global_step)
+
+
+def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "progress": progress},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
+                                     resources_per_worker={"CPU": config.train.num_workers + 1}),
+        run_config=RunConfig(name=f"lidit-{config.name}", storage_path=str((config.run_path / "ray").resolve())),
+    )
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from store.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m train.ray_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--gpus", action="store_true", help="one GPU per worker")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    ray.init(log_to_driver=True)
+    result = run_ray_train(config, args.workers, args.gpus)
+    print(f"ray train: finished; error: {result.error}; weights in {config.run_path / 'checkpoints'}")
+    return 0 if result.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
