@@ -211,3 +211,29 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, llama_dir):
         head.wait(timeout=60)
     reader = CacheReader(tmp_path / "run" / "cache")
     assert len(reader) == 20
+
+
+@pytest.mark.slow
+def test_killed_encoder_worker_still_gives_exactly_one_row_per_id(tmp_path, llama_dir):
+    n = 3000
+    captions = write_captions(tmp_path / "captions.txt", n)
+    raw = raw_config(tmp_path, llama_dir, path=captions, embed={"shard_rows": 16, "batch_size": 8})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    samples = tmp_path / "run" / "cache" / "samples.lance"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not samples.exists():
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "TextEncodeStage"], capture_output=True, text=True).stdout.split()
+    assert workers, "an encoder actor is running"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    if proc.returncode != 0:  # Ray may give up on the pipeline: a rerun must finish the job
+        rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = lance.dataset(str(samples)).to_table(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == n
