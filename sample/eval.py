@@ -1,0 +1,183 @@
+"""`python -m sample.eval --config configs/default.yaml`: ShapeEval with a floor and a ceiling.
+
+On the cache's held-out rows (split "eval", never trained on), three sets of images are
+scored the same way, by `shapeeval` and `positional_bias` (sample/shapeeval.py):
+
+- model:   one image per caption, generated with the config's sample settings;
+- floor:   the same noise with the unconditional text only: a model that ignores its prompt;
+- ceiling: the rows' own ground-truth renderings, decoded from the cached latents: what a
+           perfect generator scores (below 1 only where the codec or the scorer loses).
+
+Images are generated at the world's size, since each scene is judged at its own size.
+Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, grid.png (the
+first 32 generated images) and grid_captions.txt to <run>/eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from embed.codecs import CodecError
+from embed.encoder import EncoderError
+from sample.generate import SampleError, generate, image_grid, load_codec
+from sample.layouts import save_png
+from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, shapeeval
+from sample.text import PromptFeatureError, quiet_transformers
+from store.config import Config, ConfigError, load_config
+from store.reader import CacheError, CacheReader
+from train.export import ExportError, load_exported
+
+REFERENCES = ("model", "floor", "ceiling")
+GRID_IMAGES, GRID_COLUMNS = 32, 8
+
+
+def held_out_rows(reader: CacheReader, exported, limit: int | None) -> tuple[list[int], list[str], list[dict]]:
+    """Row indices, captions and ground-truth scenes of the eval split (first `limit` rows)."""
+    for key in ("encoders", "codec", "source"):
+        if reader.meta[key] != exported.cache_meta[key]:
+            raise CacheError(f"cache at {reader.root}: its {key!r} differ from those of the cache the "
+                             "model was trained on; evaluate on the training cache")
+    if reader.meta["source"]["kind"] != "shapes":
+        raise CacheError(f"ShapeEval needs a shapes cache; {reader.root} holds {reader.meta['source']['kind']!r}")
+    rows = np.flatnonzero(reader.column("split") == "eval")[:limit].tolist()
+    if not rows:
+        raise CacheError(f"cache at {reader.root} has no held-out rows (split 'eval')")
+    table = reader.dataset.take(rows, columns=["caption", "truth"])
+    return rows, table.column("caption").to_pylist(), [json.loads(t) for t in table.column("truth").to_pylist()]
+
+
+def ground_truth_images(reader: CacheReader, rows: list[int], codec, batch_size: int) -> np.ndarray:
+    """The cached latents of `rows`, decoded: uint8 [N, H, W, 3]."""
+    images = []
+    for start in range(0, len(rows), batch_size):
+        latents = reader.take(rows[start:start + batch_size])["latents"]  # [B, C, h, w]
+        images.append(codec.decode(latents))
+    return np.concatenate(images)
+
+
+def comparison_table(scores: dict, biases: dict) -> str:
+    """Categories and position bins as rows, model / floor / ceiling as columns."""
+    header = "".join(f"{name:>9}" for name in REFERENCES)
+    ceiling = scores["ceiling"]
+    lines = [f"{'category':<20}{header}{'images':>9}"]
+    for category in [c for c in CATEGORIES if c in ceiling["categories"]]:
+        values = "".join(f"{scores[name]['categories'][category]:>9.3f}" for name in REFERENCES)
+        lines.append(f"{category:<20}{values}{ceiling['counts'][category]:>9d}")
+    values = "".join(f"{scores[name]['overall']:>9.3f}" for name in REFERENCES)
+    lines += [f"{'overall':<20}{values}{ceiling['images']:>9d}", "",
+              f"{'binding by position':<20}{header}{'mentions':>9}"]
+    for i, bin_ in enumerate(biases["ceiling"]["bins"]):
+        lo, hi = bin_["range"]
+        span = f"[{lo:.2f}, {hi:.2f}" + ("]" if hi == BIAS_EDGES[-1] else ")")
+        means = [biases[name]["bins"][i]["mean"] for name in REFERENCES]
+        values = "".join(f"{'-':>9}" if m is None else f"{m:>9.3f}" for m in means)
+        lines.append(f"{span:<20}{values}{bin_['count']:>9d}")
+    return "\n".join(lines)
+
+
+def plot_bias(biases: dict, path: Path) -> None:
+    """A line plot: binding accuracy (y) per position bin (x), one line per reference."""
+    colors = {"model": (31, 119, 180), "floor": (150, 150, 150), "ceiling": (44, 160, 44)}
+    width, height, left, right, top, bottom = 560, 360, 60, 110, 40, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    bins = biases["model"]["bins"]
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def at(i: int, value: float) -> tuple[float, float]:
+        return left + plot_w * (i + 0.5) / len(bins), top + plot_h * (1 - value)
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = at(0, tick)[1]
+        draw.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
+        draw.text((left - 8, y), f"{tick:.2f}", fill="black", font=font, anchor="rm")
+    for i, bin_ in enumerate(bins):
+        lo, hi = bin_["range"]
+        draw.text((at(i, 0)[0], top + plot_h + 8), f"{lo:.2f}-{hi:.2f}", fill="black", font=font, anchor="mt")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    for k, name in enumerate(REFERENCES):
+        points = [at(i, b["mean"]) if b["mean"] is not None else None for i, b in enumerate(biases[name]["bins"])]
+        for a, b in zip(points, points[1:]):
+            if a and b:
+                draw.line([a, b], fill=colors[name], width=2)
+        for p in filter(None, points):
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colors[name])
+        y = top + 10 + 18 * k
+        draw.line([(width - right + 12, y), (width - right + 32, y)], fill=colors[name], width=2)
+        draw.text((width - right + 38, y), name, fill="black", font=font, anchor="lm")
+    draw.text((width / 2, 12), "attribute binding by where the mention starts", fill="black", font=font, anchor="mt")
+    draw.text((left + plot_w / 2, height - 14), "mention start / caption length (words)", fill="black",
+              font=font, anchor="mb")
+    draw.text((8, top - 22), "binding accuracy", fill="black", font=font)
+    image.save(path)
+
+
+def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = None, limit: int | None = None,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """Score model, floor and ceiling on the held-out rows; write the files; return the scores."""
+    exported = load_exported(checkpoint or config.run_path / "checkpoints", ema=config.sample.use_ema)
+    exported.model.to(device)
+    reader = CacheReader(config.cache_path, encoders=[e["name"] for e in exported.encoders])
+    rows, captions, scenes = held_out_rows(reader, exported, limit)
+    world = reader.meta["source"]["world"]
+    s = config.sample
+    settings = {"steps": s.steps, "cfg_scale": s.cfg_scale, "solver": s.solver, "seed": s.seed,
+                "height": world["height"], "width": world["width"], "batch_size": s.batch_size}
+    codec = load_codec(exported, device)
+    images = {
+        "model": generate(exported, captions, **settings, progress=progress, codec=codec),
+        "floor": generate(exported, captions, **settings, unconditional_only=True, progress=progress, codec=codec),
+        "ceiling": ground_truth_images(reader, rows, codec, s.batch_size),
+    }
+    scores = {name: shapeeval(images[name], scenes, world) for name in REFERENCES}
+    biases = {name: positional_bias(images[name], scenes, world) for name in REFERENCES}
+
+    out = Path(out or config.run_path / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    about = {**settings, "weights": "ema" if config.sample.use_ema else "raw", "train_step": exported.step,
+             "rows": len(rows)}
+    (out / "shapeeval.json").write_text(json.dumps({**scores, "settings": about}, indent=2))
+    (out / "positional_bias.json").write_text(json.dumps(biases, indent=2))
+    table = comparison_table(scores, biases)
+    (out / "table.txt").write_text(table + "\n")
+    plot_bias(biases, out / "positional_bias.png")
+    shown = images["model"][:GRID_IMAGES]
+    save_png(out / "grid.png", image_grid(shown, GRID_COLUMNS), {"settings": about})
+    (out / "grid_captions.txt").write_text("".join(f"{i:2d}: {c}\n" for i, c in enumerate(captions[:len(shown)])))
+    return {"scores": scores, "biases": biases, "table": table, "out": out, "rows": len(rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sample.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--limit", type=int, help="only the first N held-out rows")
+    parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
+    parser.add_argument("--out", type=Path, help="default: <run>/eval")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    started = time.time()
+    try:
+        config = load_config(args.config, args.overrides)
+        result = run_eval(config, args.checkpoint, args.out, args.limit, args.device)
+    except (ConfigError, ExportError, CacheError, SampleError, PromptFeatureError, EncoderError, CodecError) as err:
+        print(f"eval: error: {err}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    print(f"\neval: {result['rows']} held-out captions in {time.time() - started:.1f} s; "
+          f"scores, table, positional-bias plot and a grid in {result['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Prompt features at sampling time: the cache's own computation, run online.
+
+Each encoder the model consumes is rebuilt from its cache record with the same
+`PromptEncoder` class the embed job used, so a prompt is tokenised and encoded exactly as
+a training caption was. The instruction prefix and the unconditional (empty-caption)
+states are not recomputed: they come from the export, the very tensors training saw.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from embed.encoder import PromptEncoder, content_hash, encoder_config_from_meta, resolve_model_path
+from store.reader import TextFeatures, assemble_text
+
+
+class PromptFeatureError(ValueError):
+    """The encoder found on disk is not the one the model was trained with."""
+
+
+def _load_encoder(record: dict, device: str) -> PromptEncoder:
+    """The encoder of a cache record, refused before loading if its weights differ."""
+    found = content_hash(resolve_model_path(record["path"]))
+    if found != record["model_hash"]:
+        raise PromptFeatureError(
+            f"encoder {record['name']!r}: the model at {record['path']} has hash {found}, but the "
+            f"model was trained on features of hash {record['model_hash']}; point the encoder "
+            "path at the original weights"
+        )
+    return PromptEncoder(encoder_config_from_meta(record), device=device)
+
+
+class PromptFeatures:
+    """Prompts -> per-encoder TextFeatures (prefix + caption), in the model's encoder order."""
+
+    def __init__(self, records: list[dict], prefix: dict[str, torch.Tensor],
+                 null: dict[str, torch.Tensor], device: str = "cpu", load_encoders: bool = True):
+        """`load_encoders=False` skips the LLMs: only `null` works then (the floor reference)."""
+        self.names = [r["name"] for r in records]
+        self.prefix = {n: prefix[n] for n in self.names}  # [P, D] each
+        self.null_states = {n: null[n] for n in self.names}  # [n_null, D] each
+        self.encoders = [_load_encoder(r, device) for r in records] if load_encoders else []
+
+    def encode(self, prompts: list[str]) -> list[TextFeatures]:
+        """One TextFeatures [B, P + max n_i, D] per encoder for the prompts."""
+        if not self.encoders:
+            raise PromptFeatureError("PromptFeatures was built without encoders; it can only give `null`")
+        features = []
+        for name, encoder in zip(self.names, self.encoders):
+            encoded = encoder.encode(prompts)
+            truncated = [p for p, e in zip(prompts, encoded) if e.truncated]
+            if truncated:
+                warnings.warn(f"encoder {name!r}: {len(truncated)} prompt(s) longer than "
+                              f"max_tokens={encoder.config.max_tokens} were truncated, "
+                              f"e.g. {truncated[0][:80]!r}", stacklevel=2)
+            features.append(assemble_text(self.prefix[name], [e.states for e in encoded]))
+        return features
+
+    def null(self, batch: int) -> list[TextFeatures]:
+        """The unconditional text (prefix + empty-caption states) for `batch` rows, per encoder."""
+        return [assemble_text(self.prefix[n], [self.null_states[n]] * batch) for n in self.names]
+
+
+def quiet_transformers() -> None:
+    """Errors only from transformers: its load reports would bury a command's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _pad_to(features: TextFeatures, length: int) -> TextFeatures:
+    """Right-pad to `length` tokens: zero states, mask False."""
+    batch, current, dim = features.states.shape
+    states = features.states.new_zeros(batch, length, dim)
+    mask = features.mask.new_zeros(batch, length)
+    states[:, :current] = features.states
+    mask[:, :current] = features.mask
+    return TextFeatures(states, mask, features.prefix_len)
+
+
+def doubled_batch(cond: TextFeatures, uncond: TextFeatures) -> TextFeatures:
+    """[cond; uncond] along the batch ([2B, L, D], L the longer of the two), as CFG wants."""
+    if cond.prefix_len != uncond.prefix_len:
+        raise ValueError(f"prefix lengths differ: {cond.prefix_len} vs {uncond.prefix_len}")
+    length = max(cond.states.shape[1], uncond.states.shape[1])
+    cond, uncond = _pad_to(cond, length), _pad_to(uncond, length)
+    return TextFeatures(torch.cat([cond.states, uncond.states]), torch.cat([cond.mask, uncond.mask]),
+                        cond.prefix_len)

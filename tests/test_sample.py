@@ -1,0 +1,138 @@
+"""Sampling: online prompt features, seeded generation, the CLI's files, ShapeEval references."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sample.__main__ import main as sample_main
+from sample.eval import run_eval
+from sample.generate import generate
+from sample.text import PromptFeatures
+from store.config import Config, build, validate
+from store.reader import CacheReader
+from train.export import export, load_exported
+from train.module import LIDiTModule
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+SETTINGS = {"steps": 2, "cfg_scale": 3.0, "solver": "heun", "seed": 7, "height": 32, "width": 32}
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_cache, tmp_path_factory) -> Path:
+    """A config file for a run of its own on the session's tiny cache, with exported weights.
+
+    The weights are random, not trained: at initialisation the zeroed gates and adaLN
+    outputs make the prediction ignore the prompt, which would hide what these tests check.
+    """
+    raw = copy.deepcopy(tiny_cache)
+    raw["cache_dir"] = f"{tiny_cache['run_dir']}/cache"
+    raw["run_dir"] = str(tmp_path_factory.mktemp("sample") / "run")
+    config = build(Config, raw, "")
+    validate(config)
+    reader = CacheReader(config.cache_path)
+    torch.manual_seed(0)
+    module = LIDiTModule(config.to_dict(), reader.meta)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    module.ema.load_state_dict(module.model.state_dict())
+    export(module, reader, config.run_path / "checkpoints", step=0)
+    path = config.run_path.parent / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(run_config):
+    config = build(Config, yaml.safe_load(run_config.read_text()), "")
+    return load_exported(config.run_path / "checkpoints")
+
+
+def test_online_prompt_features_equal_cached_features_for_the_same_caption(tiny_cache, exported):
+    reader = CacheReader(f"{tiny_cache['run_dir']}/cache")
+    rows = [0, 5, 17]
+    cached = reader.take(rows, with_latents=False)
+    text = PromptFeatures(exported.encoders, exported.prefix, exported.null)
+    online = text.encode(cached["captions"])
+    for name, features in zip(text.names, online):
+        stored = cached["text"][name]
+        assert features.prefix_len == stored.prefix_len
+        assert torch.equal(features.mask, stored.mask)
+        torch.testing.assert_close(features.states.float(), stored.states.float(), rtol=2**-7, atol=1e-5)
+
+
+def test_sampling_is_deterministic_per_seed_and_independent_of_batch_size(exported):
+    prompts = ["a red circle", "a large green square to the left of a small blue triangle", "two purple circles"]
+    alone = generate(exported, prompts, **SETTINGS, batch_size=1, progress=False)
+    together = generate(exported, prompts, **SETTINGS, batch_size=3, progress=False)
+    assert alone.shape == (3, 32, 32, 3) and alone.dtype == np.uint8
+    # Padding to the batch's longest prompt may move a float by an ulp, a pixel by one level.
+    assert np.abs(alone.astype(int) - together.astype(int)).max() <= 1
+    last = generate(exported, prompts[2:], **SETTINGS, batch_size=1, first_index=2, progress=False)
+    assert np.array_equal(last[0], alone[2])
+    reseeded = generate(exported, prompts, **{**SETTINGS, "seed": 8}, batch_size=3, progress=False)
+    assert np.abs(reseeded.astype(int) - together.astype(int)).mean() > 5
+
+
+def test_unconditional_only_ignores_the_prompt(exported):
+    prompts = ["a red circle", "two purple circles above three orange squares"]
+    same_seed = {**SETTINGS, "batch_size": 1}
+    floor = [generate(exported, [p], **same_seed, unconditional_only=True, progress=False) for p in prompts]
+    assert np.array_equal(floor[0], floor[1])
+    guided = [generate(exported, [p], **same_seed, progress=False) for p in prompts]
+    assert not np.array_equal(guided[0], guided[1]), "the prompt must matter when conditioned"
+
+
+def test_sample_cli_writes_pngs_with_metadata_and_a_grid(run_config, tmp_path):
+    out = tmp_path / "samples"
+    code = sample_main(["--config", str(run_config), "--out", str(out), "--prompt", "a red circle",
+                        "--prompt", "a blue square", "--images-per-prompt", "2", "--steps", "2", "--seed", "3",
+                        "--device", "cpu"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
+    first = Image.open(out / "0002.png")
+    assert first.size == (32, 32)
+    assert first.text["prompt"] == "a blue square"
+    assert first.text["seed"] == "3" and first.text["index"] == "2"
+    assert json.loads(first.text["settings"])["steps"] == 2
+    assert Image.open(out / "grid.png").size == (64, 64)  # 2 prompts x 2 images
+
+
+def test_sample_cli_refuses_a_size_the_patches_do_not_tile(run_config, tmp_path, capsys):
+    code = sample_main(["--config", str(run_config), "--out", str(tmp_path), "--height", "36", "--device", "cpu"])
+    assert code == 2
+    assert "multiples of patch (8)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (BENCHMARKS / "geneval").is_dir(), reason=f"no benchmark prompts at {BENCHMARKS}")
+def test_geneval_layout_from_the_real_prompt_file(run_config, tmp_path):
+    source = BENCHMARKS / "geneval" / "evaluation_metadata.jsonl"
+    code = sample_main(["--config", str(run_config), "--geneval", str(source), "--out", str(tmp_path),
+                        "--limit", "2", "--images-per-prompt", "2", "--steps", "2", "--device", "cpu"])
+    assert code == 0
+    lines = source.read_text(encoding="utf-8").splitlines()[:2]
+    for index, line in enumerate(lines):
+        folder = tmp_path / f"{index:05d}"
+        assert (folder / "metadata.jsonl").read_text(encoding="utf-8") == line + "\n"
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+        image = Image.open(folder / "samples" / "0001.png")
+        assert image.text["prompt"] == json.loads(line)["prompt"]
+        assert image.text["first_index"] == str(2 * index)
+
+
+def test_eval_scores_the_model_between_a_floor_and_the_ground_truth_ceiling(run_config, tmp_path):
+    config = build(Config, yaml.safe_load(run_config.read_text()), "")
+    result = run_eval(config, out=tmp_path, limit=6, progress=False)
+    assert result["scores"]["ceiling"]["overall"] == 1.0  # the renderings themselves
+    assert set(json.loads((tmp_path / "shapeeval.json").read_text())) >= {"model", "floor", "ceiling"}
+    for name in ("table.txt", "positional_bias.json", "positional_bias.png", "grid.png", "grid_captions.txt"):
+        assert (tmp_path / name).is_file(), name
+    assert len((tmp_path / "grid_captions.txt").read_text().splitlines()) == 6
