@@ -129,7 +129,12 @@ def _convert_gguf(gguf_path: Path, convert_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves.
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # Drop the GGUF quantization record: the saved weights are plain fp32, and keeping it
+    # would route every later load through the GGUF path (and its fp32-casting kernels).
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     fresh.save_pretrained(staging)

@@ -63,7 +63,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True, **trai
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() and not fresh else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
     if trainer.global_rank == 0:
-        trainer.save_checkpoint(resume)
+        trainer.save_checkpoint(resume, weights_only=False)  # with optimizer state: resumable
         export(module, reader, checkpoint_dir, trainer.global_step)
     losses = trainer.logged_metrics
     return {"steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),

@@ -37,7 +37,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume = checkpoint_dir / "last.ckpt"
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() else None,
                 weights_only=True)
-    trainer.save_checkpoint(resume)  # rank 0 writes; every rank must call it (a collective)
+    trainer.save_checkpoint(resume, weights_only=False)  # with optimizer state: resumable  # rank 0 writes; every rank must call it (a collective)
     if trainer.global_rank == 0:
         export(module, reader, checkpoint_dir, trainer.global_step)
 

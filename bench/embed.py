@@ -1,0 +1,311 @@
+"""Benchmark of stage 1's prompt encoder (SmolLM2-135M, layer -3) on shapes captions.
+
+Measured side by side in one run, in this order:
+  1. naive: one caption at a time, instruction + caption as one string, the full causal LM
+     in fp32 with every hidden state and the LM head;
+  2. ours: `PromptEncoder.encode` (bf16, prefix KV reuse, stopped at the layer, length-sorted
+     batches), and its speedup over naive;
+  3. ablation: from naive, add one optimisation at a time (batching, bf16, stop at the layer,
+     prefix reuse) and print each step's gain;
+  4. ours' tokens/s and FLOP rate against this CPU's 2048x2048 matmul rate;
+  5. bytes per caption on disk: the real job's Lance cache against a naive padded fp32 cache;
+  6. the Ray encoding path with 2 actors x 1 thread over 1 actor x 1 thread.
+
+    python bench/embed.py [--n 2000] [--n-naive 200] [--n-ablation 500] [--n-store 500] [--json]
+(about 4 minutes at these defaults on an idle 2-core CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# `python bench/embed.py` puts bench/ first on sys.path, where this file would shadow the
+# `embed` package, here and (Ray copies the script's folder) in every Ray worker.
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [str(BENCH_DIR.parent)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("RAY_USAGE_STATS_ENABLED", "0")):
+    os.environ.setdefault(key, value)
+
+import lance  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402,F401  (its loggers exist before they are quieted)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from embed.encoder import PromptEncoder, _convert_gguf, resolve_model_path  # noqa: E402
+from embed.job import TextEncodeStage, pipeline_schema, run_embed, start_ray  # noqa: E402
+from embed.shapes import make_scene  # noqa: E402
+from store.config import Config, load_config, validate  # noqa: E402
+from store.writer import CONSTANTS_FILE, SAMPLES, WRITE_OPTIONS  # noqa: E402
+
+CONFIG = "configs/default.yaml"
+BATCH = 64
+
+
+def rate(fn, n: int) -> float:
+    """Items per second of `fn()` over `n` items (after a short warm-up by the caller)."""
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def smollm2_config(overrides: list[str]) -> Config:
+    """The default recipe restricted to its SmolLM2 encoder."""
+    config = load_config(CONFIG, overrides)
+    config = dataclasses.replace(config, encoders=[e for e in config.encoders if e.name == "smollm2"])
+    validate(config)
+    return config
+
+
+def padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (1 = a real token), both [B, L]."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return ids, mask
+
+
+def length_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    rows = sorted(rows, key=len)  # as PromptEncoder.encode does: little padding per batch
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+# -- 1. naive ---------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def naive_encode(full, tokenizer, instruction: str, captions: list[str], layer: int) -> list[torch.Tensor]:
+    """What a first script does: one joint prompt per caption, every hidden state, the LM head."""
+    out = []
+    for caption in captions:
+        inputs = tokenizer(f"{instruction} {caption}", return_tensors="pt")
+        hidden = full(**inputs, output_hidden_states=True).hidden_states  # 31 x [1, P + n, D]
+        out.append(hidden[layer][0])
+    return out
+
+
+# -- 3. ablation: prefix + caption rows in batches, no prefix reuse ---------------------------
+
+@torch.inference_mode()
+def batched(forward, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """Length-sorted padded batches through `forward(ids, mask) -> [B, L, D]`; [n_i, D] per row."""
+    out = []
+    for batch in length_sorted_batches(rows, BATCH):
+        ids, mask = padded(batch, pad_id)
+        hidden = forward(ids, mask)  # [B, L, D]
+        out += [hidden[i, : len(r)] for i, r in enumerate(batch)]
+    return out
+
+
+# -- 4. this CPU's matmul rate ----------------------------------------------------------------
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    return rate(lambda: [a @ b for _ in range(reps)], reps) * 2 * size**3 / 1e9
+
+
+# -- 5. bytes per caption ---------------------------------------------------------------------
+
+def disk_bytes(path: Path) -> int:
+    """Apparent size of a file or folder (`du -sb`)."""
+    return sum(p.stat().st_size for p in [path, *path.rglob("*")] if p.is_file())
+
+
+def stored_bytes(n_store: int, prefix_len: int, hidden: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = smollm2_config([f"run_dir={tmp}", f"data.num_train={n_store}", "data.num_eval=0"])
+        summary = run_embed(config, progress=False)
+        if summary.written != n_store:
+            raise RuntimeError(f"the embed job wrote {summary.written} of {n_store} rows: {summary}")
+        cache = config.cache_path
+        constants = disk_bytes(cache / CONSTANTS_FILE)
+        samples = lance.dataset(str(cache / SAMPLES))
+        # A row also holds the caption, its truth and the 32x32 pixels, which a naive text cache
+        # has not: rewrite the text columns alone, in the same format, to compare like with like.
+        text = samples.to_table(columns=[f"smollm2__{c}" for c in ("ids", "states", "ntok", "truncated")])
+        lance.write_dataset(text, f"{tmp}/text_only.lance", **WRITE_OPTIONS)
+        ntok = text.column("smollm2__ntok").to_pylist()
+        result = {"bytes_per_row_ours": (disk_bytes(cache / SAMPLES) + constants) / n_store,
+                  "bytes_per_caption_ours": (disk_bytes(Path(tmp) / "text_only.lance") + constants) / n_store,
+                  # fp32 states, padded to the longest caption, the prefix repeated in every row
+                  "bytes_per_caption_naive": (prefix_len + max(ntok)) * hidden * 4,
+                  "mean_caption_tokens": sum(ntok) / len(ntok), "max_caption_tokens": max(ntok)}
+    return result
+
+
+# -- 6. actor scaling -------------------------------------------------------------------------
+
+# Ray actors are driven directly, not through a Ray Data pipeline: with 2 cores, Ray Data's read
+# tasks and its lazy actor-pool start-up would share the clock with the encoders, and the
+# time from the first output would depend on its scheduling. Each actor is the job's own
+# TextEncodeStage (1 thread), warmed up before timing, fed the job's batches of 64 round-robin.
+def ray_captions_per_s(captions: list[str], actors: int) -> float:
+    config = smollm2_config(["embed.threads_per_actor=1", f"embed.actors={actors}"])
+    schema = pipeline_schema(config.encoders)
+    stage = ray.remote(num_cpus=1)(TextEncodeStage)
+    pool = [stage.remote(config) for _ in range(actors)]
+
+    def table(chunk: list[str]) -> pa.Table:
+        return pa.Table.from_pylist([{"id": str(i), "caption": c} for i, c in enumerate(chunk)], schema=schema)
+
+    ray.get([a.__call__.remote(table(captions[:BATCH])) for a in pool])  # model load + warm-up
+    batches = [table(captions[i : i + BATCH]) for i in range(0, len(captions), BATCH)]
+
+    def run() -> None:
+        results = ray.get([pool[i % actors].__call__.remote(b) for i, b in enumerate(batches)])
+        assert sum(t.num_rows for t in results) == len(captions)
+
+    speed = rate(run, len(captions))
+    for a in pool:
+        ray.kill(a)
+    return speed
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000, help="captions for ours, tokens/s and the Ray part")
+    parser.add_argument("--n-naive", type=int, default=200, help="captions for the (slow) naive loop")
+    parser.add_argument("--n-ablation", type=int, default=500, help="captions for each ablation step")
+    parser.add_argument("--n-store", type=int, default=500, help="rows the real embed job writes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray forks its helpers before this process opens any Lance dataset, so it is safe here.
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    torch.set_num_threads(2)
+    results: dict = {**{k: v for k, v in vars(args).items() if k != "json"}, "load_average": os.getloadavg()[0]}
+    if results["load_average"] > 0.5:  # measured: beside one busy process, 2 threads ran 25x slower than 1
+        print(f"warning: load average {results['load_average']:.1f}: 2-thread timings collapse on a busy CPU; "
+              "run on an idle machine", flush=True)
+
+    def report(label: str, key: str, value: float, unit: str, note: str = "") -> None:
+        results[key] = value
+        print(f"{label:<50} {value:>12,.2f} {unit:<11} {note}".rstrip(), flush=True)
+
+    captions = [make_scene(0, i)["caption"] for i in range(max(args.n, args.n_naive, args.n_ablation))]
+    enc_config = smollm2_config([]).encoders[0]
+    encoder = PromptEncoder(enc_config)
+    folder = _convert_gguf(resolve_model_path(enc_config.path), Path("~/.cache/lidit/models").expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    full_fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    full_bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    layer, instruction = enc_config.layer, enc_config.instruction.rstrip()
+    caption_ids = [encoder.tokenize(c)[0] for c in captions]
+    rows = [encoder.prefix_ids + ids for ids in caption_ids]  # [P + n_i] each, no prefix reuse
+    print(f"SmolLM2-135M layer {layer}, prefix {len(encoder.prefix_ids)} tokens, captions "
+          f"{sum(map(len, caption_ids)) / len(captions):.1f} tokens on average, batch {BATCH}, "
+          f"{torch.get_num_threads()} threads")
+
+    # 1. naive; its joint tokenisation must give our ids, or the comparison is not like for like.
+    sub = captions[: args.n_naive]
+    joint = [tokenizer(f"{instruction} {c}")["input_ids"] for c in sub]
+    mismatched = sum(j != r for j, r in zip(joint, rows))
+    if mismatched:
+        raise RuntimeError(f"{mismatched}/{len(sub)} joint tokenisations differ from prefix + caption ids")
+    naive_encode(full_fp32, tokenizer, instruction, sub[:2], layer)
+    report("1. naive loop, fp32, full LM, all states", "naive_cps", rate(
+        lambda: naive_encode(full_fp32, tokenizer, instruction, sub, layer), len(sub)), "captions/s",
+        f"(on {len(sub)} captions)")
+
+    # 2. ours
+    encoder.encode(captions[:BATCH], batch_size=BATCH)
+    report("2. ours: PromptEncoder.encode", "ours_cps",
+           rate(lambda: encoder.encode(captions[: args.n], batch_size=BATCH), args.n), "captions/s",
+           f"(on {args.n} captions)")
+    report("   speedup_vs_naive", "speedup_vs_naive", results["ours_cps"] / results["naive_cps"], "x", "(goal >= 4)")
+    reference = naive_encode(full_fp32, tokenizer, instruction, captions[:8], layer)
+    ours = encoder.encode(captions[:8])
+    error = max(((r[-len(o.ids):] - o.states.float()).norm() / r[-len(o.ids):].norm()).item()
+                for r, o in zip(reference, ours))
+    report("   ours vs naive caption states, max rel L2", "ours_rel_error", error, "", "(bf16 rounding)")
+    if error > 0.05:
+        raise RuntimeError(f"ours differs from the naive states by {error:.3f} (rel L2): not the same features")
+
+    # 3. ablation: add one optimisation at a time, on the same captions.
+    def full_lm(model):  # every block, every hidden state kept, the LM head run
+        return lambda ids, mask: model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+
+    def truncated(ids, mask):
+        return encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    m = args.n_ablation
+    steps = [("3a. + batching, length-sorted (fp32, full LM)", "ablation_batched",
+              lambda k: batched(full_lm(full_fp32), rows[:k], encoder.pad_id)),
+             ("3b. + bf16", "ablation_bf16", lambda k: batched(full_lm(full_bf16), rows[:k], encoder.pad_id)),
+             ("3c. + stop at the layer (no last blocks/LM head)", "ablation_truncated",
+              lambda k: batched(truncated, rows[:k], encoder.pad_id)),
+             ("3d. + prefix KV reuse (= ours)", "ablation_prefix_reuse",
+              lambda k: encoder.encode(captions[:k], batch_size=BATCH))]
+    previous = results["naive_cps"]
+    for label, key, fn in steps:
+        fn(BATCH)  # warm-up
+        speed = rate(lambda: fn(m), m)
+        report(label, f"{key}_cps", speed, "captions/s", f"x{speed / previous:.2f} (on {m} captions)")
+        results[f"{key}_gain"], previous = speed / previous, speed
+    del full_fp32, full_bf16
+
+    # 4. tokens/s against the CPU's matmul rate. Attention scores are left out of the FLOPs
+    # (a few % at these lengths); the embedding lookup is not a matmul.
+    run_tokens = len(encoder.prefix_ids) + sum(
+        len(b) * len(b[-1]) for b in length_sorted_batches(caption_ids[: args.n], BATCH))  # padded, as run
+    block_params = sum(p.numel() for p in encoder.model.layers.parameters())
+    report("4. ours: tokens run/s (padding, prefix once)", "ours_tokens_per_s",
+           run_tokens * results["ours_cps"] / args.n, "tokens/s", f"({block_params / 1e6:.1f}M params in blocks run)")
+    report("   ours: GFLOP/s = 2 * params * tokens/s", "ours_gflops",
+           2 * block_params * results["ours_tokens_per_s"] / 1e9, "GFLOP/s")
+    report("   matmul 2048^2 fp32", "matmul_fp32_gflops", matmul_gflops(torch.float32), "GFLOP/s")
+    report("   matmul 2048^2 bf16", "matmul_bf16_gflops", matmul_gflops(torch.bfloat16), "GFLOP/s")
+    report("   ours / bf16 matmul rate", "fraction_of_bf16_matmul",
+           results["ours_gflops"] / results["matmul_bf16_gflops"], "")
+
+    # 5. bytes per caption on disk. One local Ray serves parts 5 and 6: 3 CPUs (2 actors x 1
+    # thread, + 1 so the job's read tasks can run); the job reuses it.
+    prefix_len, hidden = len(encoder.prefix_ids), encoder.hidden_size
+    del encoder
+    start_ray(smollm2_config(["embed.actors=2", "embed.threads_per_actor=1"]))
+    results.update(stored_bytes(args.n_store, prefix_len, hidden))
+    report("5. ours: text columns on disk per caption", "bytes_per_caption_ours",
+           results["bytes_per_caption_ours"], "bytes", "(bf16 states + ids; constants amortised)")
+    report("   ours: whole Lance row (+ caption, truth, pixels)", "bytes_per_row_ours",
+           results["bytes_per_row_ours"], "bytes")
+    report(f"   naive: fp32 [{prefix_len} + {results['max_caption_tokens']}, {hidden}] per caption",
+           "bytes_per_caption_naive", results["bytes_per_caption_naive"], "bytes")
+    report("   naive_bytes_over_ours (text to text)", "naive_bytes_over_ours",
+           results["bytes_per_caption_naive"] / results["bytes_per_caption_ours"], "x", "(goal >= 6)")
+    report("   naive text bytes over our whole row", "naive_bytes_over_ours_whole_row",
+           results["bytes_per_caption_naive"] / results["bytes_per_row_ours"], "x")
+
+    # 6. actor scaling
+    report("6. Ray: 1 actor x 1 thread", "ray_1_actor_cps", ray_captions_per_s(captions[: args.n], 1), "captions/s")
+    report("   Ray: 2 actors x 1 thread", "ray_2_actors_cps", ray_captions_per_s(captions[: args.n], 2), "captions/s")
+    report("   actor_scaling", "actor_scaling", results["ray_2_actors_cps"] / results["ray_1_actor_cps"], "x",
+           "(goal >= 1.7)")
+    ray.shutdown()
+    results["wall_s"] = time.perf_counter() - started
+    print(f"total {results['wall_s']:.0f} s")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

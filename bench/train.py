@@ -1,0 +1,268 @@
+"""Benchmark of stage 2: training from the feature cache against encoding captions online.
+
+Side by side in one run; each training side runs in its own spawned process, so the online
+side's LLM does not inflate the cached side's peak RSS. Both use the real Trainer
+(`make_trainer`: bf16 autocast, grad clipping, EMA) and the same batches and weights:
+  1. cached: on the real `CacheDataModule`;  2. online: the prompt encoders recorded in the
+  cache's metadata run on the batch's captions in every step (a trainer without a cache);
+  3. the same ratio estimated from FLOPs for lidit-1b with LLaMA3-8B + Qwen1.5-7B;
+  4. `loader_over_step`: the data module's samples/s over the cached training step's.
+
+    python bench/train.py [--config configs/default.yaml] [--steps 30] [--warmup 5] [--batches 50] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+# `python bench/train.py` puts bench/ first on sys.path, where this file would shadow the `train` package.
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(key, value)
+
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from embed.encoder import PromptEncoder, encoder_config_from_meta  # noqa: E402
+from store.config import Config, load_config  # noqa: E402
+from store.reader import CacheReader, assemble_text  # noqa: E402
+from train.__main__ import make_trainer, open_cache  # noqa: E402
+from train.data import BucketBatchSampler, CacheDataModule  # noqa: E402
+from train.layers import AdaLNZero, TimestepEmbedder  # noqa: E402
+from train.model import TextToImageModel, build_kwargs, count_parameters  # noqa: E402
+from train.module import LIDiTModule  # noqa: E402
+
+# Part 3's assumptions (lidit-1b, PAPER.md).
+LLM_PARAMS = {"LLaMA3-8B": 8.0e9, "Qwen1.5-7B": 7.7e9}  # whole checkpoints, embeddings included
+LLM_BLOCKS = 32  # each; layer -3 runs the first 30
+PREFIX_TOKENS, CAPTION_TOKENS = 32, 120  # instruction, caption (run together: no prefix reuse)
+IMAGE_TOKENS = (256 // 8 // 2) ** 2  # 256 px, 8x VAE, patch 2
+ASSUMPTIONS = {"llm_params": LLM_PARAMS, "llm_blocks_run": f"{LLM_BLOCKS - 2} of {LLM_BLOCKS}",
+               "text_tokens_per_llm": f"{PREFIX_TOKENS} instruction + {CAPTION_TOKENS} caption, no prefix reuse",
+               "image_tokens": IMAGE_TOKENS, "flops": "LLM forward 2*N*T, DiT training step 6*N*T; attention "
+               "scores and once-per-sample modulation left out"}
+
+
+def setup_process() -> None:
+    """Threads and quiet logs, in the parent and in every spawned side."""
+    torch.set_num_threads(2)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for message in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+# -- 1-2. the two training sides ---------------------------------------------------------------
+
+class OnlineModule(LIDiTModule):
+    """LIDiTModule whose text features are computed by the frozen prompt encoders in every step."""
+
+    def __init__(self, config: dict, cache_meta: dict):
+        super().__init__(config, cache_meta)
+        records = {e["name"]: e for e in cache_meta["encoders"]}
+        # A plain dict, not submodules: the encoders stay frozen, out of the optimiser and the EMA.
+        self.prompt_encoders = {n: PromptEncoder(encoder_config_from_meta(records[n])) for n in self.encoder_names}
+
+    def _inputs(self, batch: dict) -> tuple[list, list]:
+        captions = batch["captions"]
+        texts = []
+        for name in self.encoder_names:
+            encoder = self.prompt_encoders[name]
+            encoded = encoder.encode(captions, batch_size=len(captions))
+            texts.append(assemble_text(encoder.prefix_states, [e.states for e in encoded]))  # [B, L, D]
+        return [t.states for t in texts], [t.mask for t in texts]
+
+
+class CaptionBatches(Dataset):
+    """dataset[rows] -> captions and latents, no cached text: what an online trainer reads."""
+
+    def __init__(self, config: Config):
+        self.reader = CacheReader(config.cache_path, encoders=[])  # no encoder: no states read
+        self.caption_dropout, self.seed = config.train.caption_dropout, config.seed
+
+    def __getitem__(self, rows: list[int]) -> dict:
+        # The same draw as CachedBatches; a dropped caption is the empty one (the cache's null text).
+        rng = np.random.default_rng([self.seed, 7919, *rows[:4], len(rows)])
+        drop = rng.random(len(rows)) < self.caption_dropout
+        batch = self.reader.take(rows)
+        return {"captions": ["" if d else c for c, d in zip(batch["captions"], drop)], "latents": batch["latents"]}
+
+
+class StepClock(L.Callback):
+    """Wall time from the end of the last warm-up step to the end of the last step (data included)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup - 1:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+def caption_error(module: OnlineModule, reader: CacheReader, rows: list[int]) -> float:
+    """Max rel-L2 of online caption states against the cache's, over encoders (prefix excluded)."""
+    cached = reader.take(rows, with_latents=False)
+    states, masks = module._inputs({"captions": cached["captions"]})
+    errors = []
+    for name, online, mask in zip(module.encoder_names, states, masks):
+        ref, p = cached["text"][name], cached["text"][name].prefix_len
+        if not torch.equal(mask, ref.mask):
+            raise RuntimeError(f"{name}: online token counts differ from the cache's")
+        online, ref = online[:, p:][mask[:, p:]].float(), ref.states[:, p:][mask[:, p:]].float()  # [tokens, D]
+        errors.append(((online - ref).norm() / ref.norm()).item())
+    return max(errors)
+
+
+def measure_side(config_path: str, side: str, steps: int, warmup: int) -> dict:
+    """Train `warmup + steps` steps of one side in this (spawned) process; samples/s and peak RSS."""
+    setup_process()
+    config = load_config(config_path)
+    reader = open_cache(config)
+    L.seed_everything(config.seed, verbose=False)  # the same initial weights on both sides
+    data = CacheDataModule(config)
+    result = {}
+    if side == "cached":
+        module = LIDiTModule(config.to_dict(), reader.meta)
+    else:
+        module = OnlineModule(config.to_dict(), reader.meta)
+        data.setup()
+        sampler = BucketBatchSampler(data.buckets, config.train.batch_size, config.seed)
+        result["online_vs_cache_rel_l2"] = caption_error(module, reader, next(iter(sampler)))
+        data = DataLoader(CaptionBatches(config), sampler=sampler, batch_size=None)
+    clock = StepClock(warmup)
+    # callbacks= replaces make_trainer's checkpoint callback and logger=False its loggers: nothing is written.
+    trainer = make_trainer(config, config.run_path / "checkpoints", progress=False, max_steps=warmup + steps,
+                           max_time=None, logger=False, callbacks=[clock], enable_checkpointing=False)
+    trainer.fit(module, data)
+    if trainer.global_step != warmup + steps:
+        raise RuntimeError(f"{side}: trained {trainer.global_step} of {warmup + steps} steps")
+    result["samples_per_s"] = steps * config.train.batch_size / (clock.end - clock.start)
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["parameters"] = module.num_parameters()
+    return result
+
+
+def in_own_process(fn, *args) -> dict:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# -- 3. FLOP estimate for lidit-1b --------------------------------------------------------------
+
+def lidit_1b_flops() -> dict:
+    """Training FLOPs per sample: DiT step (6 * params * tokens) vs the two LLMs' forward (2 * ...)."""
+    config = load_config("configs/lidit-1b.yaml")
+    kwargs = build_kwargs(config.model, [{"hidden_size": 4096, "prefix_len": PREFIX_TOKENS}] * 2, {"channels": 16})
+    with torch.device("meta"):
+        model = TextToImageModel(**kwargs)
+    # Modulation and timestep MLPs run once per sample, not per token: left out (negligible).
+    per_sample = {id(p) for m in model.modules() if isinstance(m, (AdaLNZero, TimestepEmbedder))
+                  for p in m.parameters()} | {id(p) for p in model.dit.text_pool.parameters()}
+
+    def count(params) -> int:
+        return sum(p.numel() for p in params if id(p) not in per_sample)
+
+    text_kv = count(p for block in model.dit.blocks for p in block.cross_attn.kv.parameters())
+    refiners = count(model.diffuser.parameters())  # each branch over its prefix + caption tokens
+    image = count(model.dit.parameters()) - text_kv
+    dit = 6 * (image * IMAGE_TOKENS + text_kv * 2 * CAPTION_TOKENS + refiners * (PREFIX_TOKENS + CAPTION_TOKENS))
+    run = (LLM_BLOCKS - 2) / LLM_BLOCKS
+    llm = sum(2 * params * run * (PREFIX_TOKENS + CAPTION_TOKENS) for params in LLM_PARAMS.values())
+    crude = 6 * count_parameters(kwargs) * IMAGE_TOKENS  # every parameter over every image token
+    return {"lidit_1b_parameters": count_parameters(kwargs), "lidit_1b_dit_tflop_per_sample": dit / 1e12,
+            "lidit_1b_llm_tflop_per_sample": llm / 1e12, "cached_over_online_lidit_1b_flops": (dit + llm) / dit,
+            "cached_over_online_lidit_1b_flops_all_params": (crude + llm) / crude}
+
+
+# -- 4. the data module alone -------------------------------------------------------------------
+
+def loader_samples_per_s(config: Config, batches: int) -> float:
+    """The real train_dataloader (no trainer attached: rank 0 of 1, from step 0)."""
+    data = CacheDataModule(config)
+    data.setup()
+    loader = iter(data.train_dataloader())
+    next(loader), next(loader)  # warm-up
+    start = time.perf_counter()
+    rows = sum(len(next(loader)["latents"]) for _ in range(batches))
+    return rows / (time.perf_counter() - start)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per side")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
+    parser.add_argument("--batches", type=int, default=50, help="batches for the loader alone")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+    os.chdir(ROOT)  # configs and run folders are relative to the repository
+    setup_process()
+    config = load_config(args.config)
+    if not (config.cache_path / "meta.json").is_file():
+        print(f"bench/train.py: no cache at {config.cache_path}; run make embed first", file=sys.stderr)
+        return 2
+    batch = config.train.batch_size
+    results: dict = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "batch_size": batch,
+                     "threads": torch.get_num_threads(), "assumptions": ASSUMPTIONS}
+
+    def report(label: str, key: str, value: float, unit: str, note: str = "") -> None:
+        results[key] = value
+        print(f"{label:<48} {value:>12,.2f} {unit:<11} {note}", flush=True)
+
+    print(f"{args.config}: cache {config.cache_path} ({len(CacheReader(config.cache_path))} rows), batch {batch}, "
+          f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, bf16 autocast")
+    cached = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)
+    online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
+    results["parameters"] = cached["parameters"]
+    report("1. cached: Trainer on CacheDataModule", "cached_samples_per_s", cached["samples_per_s"], "samples/s",
+           f"({cached['parameters'] / 1e6:.1f}M parameters)")
+    report("   peak RSS", "cached_peak_mb", cached["peak_mb"], "MB")
+    report("2. online: prompt encoders in every step", "online_samples_per_s", online["samples_per_s"], "samples/s")
+    report("   peak RSS", "online_peak_mb", online["peak_mb"], "MB")
+    report("   online vs cached caption states, rel L2", "online_vs_cache_rel_l2_pct",
+           100 * online["online_vs_cache_rel_l2"], "%", "(worst encoder, one batch)")
+    report("   cached_over_online", "cached_over_online", cached["samples_per_s"] / online["samples_per_s"], "x",
+           "(goal >= 10)")
+
+    results.update(lidit_1b_flops())
+    print(f"3. lidit-1b ({results['lidit_1b_parameters'] / 1e9:.2f}B) + LLaMA3-8B + Qwen1.5-7B, per sample:")
+    for label, key, unit, note in (
+            ("   DiT training step (refiners included)", "lidit_1b_dit_tflop_per_sample", "TFLOP", ""),
+            ("   two LLMs' forward to layer -3", "lidit_1b_llm_tflop_per_sample", "TFLOP", ""),
+            ("   cached_over_online_lidit_1b_flops", "cached_over_online_lidit_1b_flops", "x", "= (DiT + LLMs) / DiT"),
+            ("   same, all parameters over image tokens", "cached_over_online_lidit_1b_flops_all_params", "x",
+             "(a lower bound)")):
+        report(label, key, results[key], unit, note)
+
+    report("4. loader: CacheDataModule.train_dataloader", "loader_samples_per_s",
+           loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
+    report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
+           "(goal >= 5)")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
