@@ -105,7 +105,7 @@ def sampling_settings(args: argparse.Namespace, config) -> dict:
     return {"steps": args.steps or s.steps, "cfg_scale": s.cfg_scale if args.cfg is None else args.cfg,
             "solver": args.solver or s.solver, "seed": s.seed if args.seed is None else args.seed,
             "height": args.height or height, "width": args.width or width,
-            "batch_size": args.batch_size or s.batch_size}
+            "batch_size": args.batch_size or s.batch_size, "precision": s.precision}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,7 +130,8 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     world = reader.meta["source"]["world"]
     s = config.sample
     settings = {"steps": s.steps, "cfg_scale": s.cfg_scale, "solver": s.solver, "seed": s.seed,
-                "height": world["height"], "width": world["width"], "batch_size": s.batch_size}
+                "height": world["height"], "width": world["width"], "batch_size": s.batch_size,
+                "precision": s.precision}
     codec = load_codec(exported, device)
     images = {
         "model": generate(exported, captions, **settings, progress=progress, codec=codec),

@@ -72,7 +72,7 @@ def load_codec(exported, device: str | torch.device = "cpu"):
 def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solver: str, seed: int,
              height: int, width: int, batch_size: int, unconditional_only: bool = False,
              progress: bool = True, first_index: int = 0, text: PromptFeatures | None = None,
-             codec=None) -> np.ndarray:
+             codec=None, precision: str = "fp32") -> np.ndarray:
     """Images for `prompts`: uint8 [N, height, width, 3].
 
     `first_index` numbers the first image (its noise seed is seed + first_index), so a long
@@ -101,7 +101,8 @@ def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solv
             masks = [f.mask.to(device) for f in doubled]  # n x [2B, L_i] bool
 
             def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return model(x, t, states, masks)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    return model(x, t, states, masks).float()  # the solver integrates in fp32
 
             first = first_index + start
             noise = initial_noise(shape, seed, range(first, first + len(chunk))).to(device)  # [B, C, h, w]

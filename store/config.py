@@ -121,6 +121,7 @@ class SampleConfig:
     height: int | None = None  # default: the first codec bucket
     width: int | None = None
     use_ema: bool = True
+    precision: Literal["bf16", "fp32"] = "bf16"  # denoiser autocast (bf16 is ~1.5-2x faster on CPU too)
     prompts: list[str] = field(default_factory=list)
 
 

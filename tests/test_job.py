@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,16 @@ def make_config(raw: dict) -> Config:
     config = build(Config, raw, "")
     validate(config)
     return config
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def write_captions(path: Path, n: int) -> Path:
@@ -188,18 +199,25 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, llama_dir):
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     # --block keeps the head in its own process group, so the test stops exactly this
     # cluster (`ray stop` would also kill the test's own Ray).
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port=6391", "--dashboard-port=8291",
+    # Every port explicit and free: another Ray on this machine (the suite's own) holds the defaults.
+    ports = free_ports(9)
+    dashboard = ports[1]
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={ports[0]}",
+                             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={ports[2]}",
+                             f"--dashboard-agent-grpc-port={ports[3]}", f"--metrics-export-port={ports[4]}",
+                             f"--runtime-env-agent-port={ports[5]}", f"--node-manager-port={ports[6]}",
+                             f"--object-manager-port={ports[7]}", f"--ray-client-server-port={ports[8]}",
                              "--num-cpus=3", "--include-dashboard=true", f"--temp-dir={temp}",
                              "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        submit = None
-        for _ in range(60):  # the dashboard takes a few seconds to accept jobs
+        submit, deadline = None, time.time() + 120
+        while time.time() < deadline:  # the dashboard takes a few seconds to accept jobs
             submit = subprocess.run(
-                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8291",
+                [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                  "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}),
                  "--", sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
             output = submit.stderr + submit.stdout
             if submit.returncode == 0 or not ("Connection refused" in output or "try again" in output):
                 break
