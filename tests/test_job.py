@@ -159,28 +159,34 @@ def test_cache_built_with_other_encoders_is_refused(tmp_path, llama_dir, qwen_di
         run_embed(make_config(raw_config(tmp_path, qwen_dir, path=captions)), progress=False)
 
 
-@pytest.mark.slow
-def test_killed_driver_then_rerun_leaves_exactly_one_row_per_id(tmp_path, llama_dir):
-    n = 3000
+def start_embed_until_first_commit(tmp_path, llama_dir, n: int):
+    """Start `python -m embed` on n captions in its own process group; return once a shard
+    is committed. Returns (process, command, env, samples path)."""
     captions = write_captions(tmp_path / "captions.txt", n)
     raw = raw_config(tmp_path, llama_dir, path=captions, embed={"shard_rows": 16, "batch_size": 8})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     samples = tmp_path / "run" / "cache" / "samples.lance"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    command = [sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not samples.exists():
         time.sleep(0.2)
+    return proc, command, env, samples
+
+
+@pytest.mark.slow
+def test_killed_driver_then_rerun_leaves_exactly_one_row_per_id(tmp_path, llama_dir):
+    n = 3000
+    proc, command, env, samples = start_embed_until_first_commit(tmp_path, llama_dir, n)
     time.sleep(0.3)  # a few shards in, mid-shard
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray workers it started
     proc.wait()
     partial = lance.dataset(str(samples)).count_rows()
     assert 0 < partial < n, "kill the run mid-way"
-    result = subprocess.run([sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     ids = lance.dataset(str(samples)).to_table(columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == n
@@ -234,18 +240,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, llama_dir):
 @pytest.mark.slow
 def test_killed_encoder_worker_still_gives_exactly_one_row_per_id(tmp_path, llama_dir):
     n = 3000
-    captions = write_captions(tmp_path / "captions.txt", n)
-    raw = raw_config(tmp_path, llama_dir, path=captions, embed={"shard_rows": 16, "batch_size": 8})
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    samples = tmp_path / "run" / "cache" / "samples.lance"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "embed", "--config", str(config_path), "--quiet"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not samples.exists():
-        time.sleep(0.2)
+    proc, command, env, samples = start_embed_until_first_commit(tmp_path, llama_dir, n)
     workers = subprocess.run(["pgrep", "-f", "TextEncodeStage"], capture_output=True, text=True).stdout.split()
     assert workers, "an encoder actor is running"
     os.kill(int(workers[0]), signal.SIGKILL)
@@ -255,3 +250,60 @@ def test_killed_encoder_worker_still_gives_exactly_one_row_per_id(tmp_path, llam
         assert rerun.returncode == 0, rerun.stderr[-2000:]
     ids = lance.dataset(str(samples)).to_table(columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == n
+
+
+def test_manifest_jsonl_and_parquet_sources_embed_their_rows(tmp_path, llama_dir, local_ray):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        _save(images / f"{i}.png", size=(48, 32))
+    lines = [json.dumps({"id": f"j{i}", "image": f"images/{i}.png", "caption": f"a red square {i}"}) for i in range(4)]
+    lines.insert(2, "{not json")
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    config = make_config(raw_config(tmp_path, llama_dir, source="manifest", path=tmp_path / "pairs.jsonl"))
+    summary = run_embed(config, progress=False)
+    assert summary.written == 4 and summary.rejected == 1
+    assert summary.reasons == {"line 3": 1}
+
+    pq.write_table(pa.table({"image": [str(images / "0.png")], "caption": ["a wide red square"]}),
+                   tmp_path / "pairs.parquet")
+    raw = raw_config(tmp_path, llama_dir, source="manifest", path=tmp_path / "pairs.parquet")
+    raw["run_dir"] = str(tmp_path / "run-parquet")
+    table = None
+    assert run_embed(make_config(raw), progress=False).written == 1
+    table = lance.dataset(str(tmp_path / "run-parquet" / "cache" / "samples.lance")).to_table()
+    assert table.column("bucket").to_pylist() == [1]  # 48x32 is nearer the 32x48 bucket's ratio
+
+
+def test_vae_codec_latents_and_factors_are_recorded(tmp_path, llama_dir, local_ray):
+    diffusers = pytest.importorskip("diffusers", reason="the 'vae' extra is not installed")
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                  norm_num_groups=4, sample_size=32, scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(vae_dir, safe_serialization=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        _save(data / f"{i}.png", size=(32, 32), color=(10 * i, 100, 200))
+        (data / f"{i}.txt").write_text(f"a blue square {i}")
+    raw = raw_config(tmp_path, llama_dir, source="folder", path=data, codec={"kind": "vae", "path": str(vae_dir)})
+    config = make_config(raw)
+    assert run_embed(config, progress=False).written == 3
+    reader = CacheReader(config.cache_path)
+    codec = reader.meta["codec"]
+    assert (codec["kind"], codec["channels"], codec["downsample"]) == ("vae", 4, 2)
+    assert (codec["scaling_factor"], codec["shift_factor"]) == (0.5, 0.1)
+    latents = reader.take([0, 1, 2], with_latents=True)["latents"]
+    assert latents.shape == (3, 4, 16, 16)
+    from embed.codecs import VAECodec
+
+    expected = VAECodec(str(vae_dir)).encode(np.stack([np.asarray(Image.open(data / f"{i}.png")) for i in range(3)]))
+    ids = reader.take([0, 1, 2], with_latents=False)["ids"]
+    order = [int(i) for i in ids]
+    torch.testing.assert_close(latents, expected[order], rtol=0, atol=2e-3)  # float16 storage
