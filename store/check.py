@@ -69,7 +69,11 @@ def check_cache(path: str | Path, recompute: int = 0, seed: int = 0, log=print) 
 
 
 def _recompute(reader: CacheReader, n: int, seed: int, log) -> dict:
-    """Re-encode n random rows with the encoders in the metadata; max |stored - fresh|."""
+    """Re-encode n random rows with the encoders in the metadata; max |stored - fresh|.
+
+    The one place the store reaches up to embed/: recomputing needs the very encoder
+    class that wrote the rows, so it is imported here, lazily, and only for --recompute.
+    """
     from embed.encoder import PromptEncoder, encoder_config_from_meta
 
     rows = np.random.default_rng(seed).choice(len(reader), size=n, replace=False)
