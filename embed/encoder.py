@@ -152,7 +152,8 @@ class PromptEncoder:
     """A frozen text encoder truncated at one layer, with the instruction prefix shared."""
 
     def __init__(self, config: EncoderConfig, device: str = "cpu",
-                 convert_dir: str | Path = "~/.cache/lidit/models"):
+                 convert_dir: str | Path = "~/.cache/lidit/models", expect_hash: str | None = None):
+        """`expect_hash`: refuse (before loading any weights) a model whose content hash differs."""
         from transformers import AutoModel, AutoTokenizer
 
         self.config = config
@@ -163,6 +164,11 @@ class PromptEncoder:
         self.num_blocks = model_num_blocks(self.source_path)
         self.blocks = blocks_to_run(config.layer, self.num_blocks)
         self.model_hash = content_hash(self.source_path)
+        if expect_hash is not None and self.model_hash != expect_hash:
+            raise EncoderError(
+                f"encoder {config.name!r}: the model at {config.path} has hash {self.model_hash}, but the "
+                f"features were made with hash {expect_hash}; point the path at the original weights"
+            )
 
         load_path = self.source_path
         if self.source_path.suffix == ".gguf":
@@ -331,6 +337,11 @@ def _truncate(model, blocks: int):
             model.pooler = None
         return model
     raise EncoderError(f"don't know how to truncate {type(model).__name__}")
+
+
+def encoder_from_record(record: dict, device: str = "cpu") -> PromptEncoder:
+    """The encoder that wrote a cache's encoder record, refused if its weights changed."""
+    return PromptEncoder(encoder_config_from_meta(record), device=device, expect_hash=record["model_hash"])
 
 
 def encoder_config_from_meta(record: dict) -> EncoderConfig:

@@ -12,24 +12,12 @@ import warnings
 
 import torch
 
-from embed.encoder import PromptEncoder, content_hash, encoder_config_from_meta, resolve_model_path
+from embed.encoder import encoder_from_record
 from store.reader import TextFeatures, assemble_text
 
 
 class PromptFeatureError(ValueError):
-    """The encoder found on disk is not the one the model was trained with."""
-
-
-def _load_encoder(record: dict, device: str) -> PromptEncoder:
-    """The encoder of a cache record, refused before loading if its weights differ."""
-    found = content_hash(resolve_model_path(record["path"]))
-    if found != record["model_hash"]:
-        raise PromptFeatureError(
-            f"encoder {record['name']!r}: the model at {record['path']} has hash {found}, but the "
-            f"model was trained on features of hash {record['model_hash']}; point the encoder "
-            "path at the original weights"
-        )
-    return PromptEncoder(encoder_config_from_meta(record), device=device)
+    """Prompt features were asked of a PromptFeatures built without its encoders."""
 
 
 class PromptFeatures:
@@ -41,7 +29,8 @@ class PromptFeatures:
         self.names = [r["name"] for r in records]
         self.prefix = {n: prefix[n] for n in self.names}  # [P, D] each
         self.null_states = {n: null[n] for n in self.names}  # [n_null, D] each
-        self.encoders = [_load_encoder(r, device) for r in records] if load_encoders else []
+        # Each refuses, before loading, weights that differ from those the cache was made with.
+        self.encoders = [encoder_from_record(r, device) for r in records] if load_encoders else []
 
     def encode(self, prompts: list[str]) -> list[TextFeatures]:
         """One TextFeatures [B, P + max n_i, D] per encoder for the prompts."""

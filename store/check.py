@@ -74,7 +74,7 @@ def _recompute(reader: CacheReader, n: int, seed: int, log) -> dict:
     The one place the store reaches up to embed/: recomputing needs the very encoder
     class that wrote the rows, so it is imported here, lazily, and only for --recompute.
     """
-    from embed.encoder import PromptEncoder, encoder_config_from_meta
+    from embed.encoder import EncoderError, encoder_from_record
 
     rows = np.random.default_rng(seed).choice(len(reader), size=n, replace=False)
     columns = ["caption"] + [f"{e['name']}__{c}" for e in reader.encoders for c in ("ids", "states")]
@@ -83,9 +83,10 @@ def _recompute(reader: CacheReader, n: int, seed: int, log) -> dict:
     result = {}
     for enc in reader.encoders:
         name = enc["name"]
-        encoder = PromptEncoder(encoder_config_from_meta(enc))
-        if encoder.model_hash != enc["model_hash"]:
-            raise CheckFailed(f"{name}: model at {enc['path']} changed since the cache was built")
+        try:
+            encoder = encoder_from_record(enc)
+        except EncoderError as err:  # e.g. the model changed since the cache was built
+            raise CheckFailed(str(err)) from err
         flat, offsets = states_from_column(table.column(f"{name}__states"), enc["store_dtype"], enc["hidden_size"])
         fresh = encoder.encode(captions)
         worst, scale = 0.0, 0.0
