@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,7 +53,13 @@ def make_trainer(config: Config, checkpoint_dir: Path, progress: bool = True, **
     return L.Trainer(**kwargs)
 
 
-def run_train(config: Config, fresh: bool = False, progress: bool = True, **trainer_overrides) -> dict:
+def run_train(config: Config, fresh: bool = False, progress: bool = True,
+              prepare: Callable[[L.Trainer], L.Trainer] | None = None, **trainer_overrides) -> dict:
+    """Train (resuming from last.ckpt unless `fresh`), checkpoint, and export the weights.
+
+    `prepare` adapts the trainer before fitting (Ray Train's `prepare_trainer`); the
+    overrides replace make_trainer's arguments (devices, strategy, plugins, ...).
+    """
     started = time.time()
     reader = open_cache(config)
     checkpoint_dir = config.run_path / "checkpoints"
@@ -60,10 +67,14 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True, **trai
     L.seed_everything(config.seed, verbose=False)  # the initial weights
     module = LIDiTModule(config.to_dict(), reader.meta)
     trainer = make_trainer(config, checkpoint_dir, progress, **trainer_overrides)
+    if prepare is not None:
+        trainer = prepare(trainer)
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() and not fresh else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
+    # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
+    # every rank must call; rank 0 writes it.
+    trainer.save_checkpoint(resume, weights_only=False)
     if trainer.global_rank == 0:
-        trainer.save_checkpoint(resume, weights_only=False)  # with optimizer state: resumable
         export(module, reader, checkpoint_dir, trainer.global_step)
     losses = trainer.logged_metrics
     return {"steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),

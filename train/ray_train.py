@@ -17,29 +17,14 @@ import sys
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import lightning as L
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from store.config import Config, build
-    from train.__main__ import make_trainer, open_cache
-    from train.data import CacheDataModule
-    from train.export import export
-    from train.module import LIDiTModule
+    from train.__main__ import run_train
 
     config = build(Config, loop_config["config"], "")
-    reader = open_cache(config)
-    L.seed_everything(config.seed, verbose=False)
-    module = LIDiTModule(config.to_dict(), reader.meta)
-    checkpoint_dir = config.run_path / "checkpoints"
-    trainer = make_trainer(config, checkpoint_dir, progress=loop_config["progress"], devices="auto",
-                           accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
-    trainer = prepare_trainer(trainer)
-    resume = checkpoint_dir / "last.ckpt"
-    trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() else None,
-                weights_only=True)
-    trainer.save_checkpoint(resume, weights_only=False)  # with optimizer state: resumable  # rank 0 writes; every rank must call it (a collective)
-    if trainer.global_rank == 0:
-        export(module, reader, checkpoint_dir, trainer.global_step)
+    run_train(config, progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
+              accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
 
 
 def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
