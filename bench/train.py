@@ -33,16 +33,15 @@ for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"))
     os.environ.setdefault(key, value)
 
 import lightning as L  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from embed.encoder import PromptEncoder, encoder_config_from_meta  # noqa: E402
+from sample.text import PromptFeatures  # noqa: E402
 from store.config import Config, load_config  # noqa: E402
-from store.reader import CacheReader, assemble_text  # noqa: E402
+from store.reader import CacheReader  # noqa: E402
 from train.__main__ import make_trainer, open_cache  # noqa: E402
-from train.data import BucketBatchSampler, CacheDataModule  # noqa: E402
+from train.data import BucketBatchSampler, CacheDataModule, caption_dropout_mask  # noqa: E402
 from train.layers import AdaLNZero, TimestepEmbedder  # noqa: E402
 from train.model import TextToImageModel, build_kwargs, count_parameters  # noqa: E402
 from train.module import LIDiTModule  # noqa: E402
@@ -73,19 +72,15 @@ def setup_process() -> None:
 class OnlineModule(LIDiTModule):
     """LIDiTModule whose text features are computed by the frozen prompt encoders in every step."""
 
-    def __init__(self, config: dict, cache_meta: dict):
-        super().__init__(config, cache_meta)
-        records = {e["name"]: e for e in cache_meta["encoders"]}
-        # A plain dict, not submodules: the encoders stay frozen, out of the optimiser and the EMA.
-        self.prompt_encoders = {n: PromptEncoder(encoder_config_from_meta(records[n])) for n in self.encoder_names}
+    def __init__(self, config: dict, reader: CacheReader):
+        super().__init__(config, reader.meta)
+        records = {e["name"]: e for e in reader.meta["encoders"]}
+        # Sampling's online path (not submodules: the encoders stay frozen, out of the optimiser
+        # and the EMA), with the cache's own prefix states.
+        self.text = PromptFeatures([records[n] for n in self.encoder_names], reader.prefix, reader.null)
 
     def _inputs(self, batch: dict) -> tuple[list, list]:
-        captions = batch["captions"]
-        texts = []
-        for name in self.encoder_names:
-            encoder = self.prompt_encoders[name]
-            encoded = encoder.encode(captions, batch_size=len(captions))
-            texts.append(assemble_text(encoder.prefix_states, [e.states for e in encoded]))  # [B, L, D]
+        texts = self.text.encode(batch["captions"])  # per encoder [B, L, D]
         return [t.states for t in texts], [t.mask for t in texts]
 
 
@@ -98,8 +93,7 @@ class CaptionBatches(Dataset):
 
     def __getitem__(self, rows: list[int]) -> dict:
         # The same draw as CachedBatches; a dropped caption is the empty one (the cache's null text).
-        rng = np.random.default_rng([self.seed, 7919, *rows[:4], len(rows)])
-        drop = rng.random(len(rows)) < self.caption_dropout
+        drop = caption_dropout_mask(rows, self.caption_dropout, self.seed)
         batch = self.reader.take(rows)
         return {"captions": ["" if d else c for c, d in zip(batch["captions"], drop)], "latents": batch["latents"]}
 
@@ -141,7 +135,7 @@ def measure_side(config_path: str, side: str, steps: int, warmup: int) -> dict:
     if side == "cached":
         module = LIDiTModule(config.to_dict(), reader.meta)
     else:
-        module = OnlineModule(config.to_dict(), reader.meta)
+        module = OnlineModule(config.to_dict(), reader)
         data.setup()
         sampler = BucketBatchSampler(data.buckets, config.train.batch_size, config.seed)
         result["online_vs_cache_rel_l2"] = caption_error(module, reader, next(iter(sampler)))

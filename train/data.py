@@ -66,6 +66,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         return 1 << 40
 
 
+def caption_dropout_mask(rows: list[int], probability: float, seed: int) -> np.ndarray:
+    """Which rows of a batch train on the unconditional text: a function of (seed, rows)."""
+    rng = np.random.default_rng([seed, 7919, *rows[:4], len(rows)])
+    return rng.random(len(rows)) < probability
+
+
 class CachedBatches(Dataset):
     """dataset[rows] -> one training batch (reader.take), with seeded caption dropout."""
 
@@ -73,8 +79,7 @@ class CachedBatches(Dataset):
         self.reader, self.caption_dropout, self.seed = reader, caption_dropout, seed
 
     def __getitem__(self, rows: list[int]) -> dict:
-        rng = np.random.default_rng([self.seed, 7919, *rows[:4], len(rows)])
-        drop = rng.random(len(rows)) < self.caption_dropout
+        drop = caption_dropout_mask(rows, self.caption_dropout, self.seed)
         batch = self.reader.take(rows, drop_text=drop)
         batch.pop("ids")
         batch.pop("captions")
