@@ -56,22 +56,23 @@ def test_refiner_block_is_identity_at_init():
     assert torch.equal(block(x, _mask([6, 3], 6), c), x)
 
 
-def test_full_attention_refiner_lets_first_token_see_last_token():
+def _first_token_before_and_after_changing_the_last(causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    block = _perturb_zero_init(LanguageTokenRefinerBlock(DIM, HEADS, causal=False))
+    block = _perturb_zero_init(LanguageTokenRefinerBlock(DIM, HEADS, causal=causal))
     x, c, mask = torch.randn(1, 6, DIM), torch.randn(1, DIM), _mask([6], 6)
     changed = x.clone()
     changed[:, -1] = torch.randn(DIM)
-    assert (block(x, mask, c)[:, 0] - block(changed, mask, c)[:, 0]).abs().max() > 1e-3
+    return block(x, mask, c)[:, 0], block(changed, mask, c)[:, 0]
+
+
+def test_full_attention_refiner_lets_first_token_see_last_token():
+    before, after = _first_token_before_and_after_changing_the_last(causal=False)
+    assert (before - after).abs().max() > 1e-3
 
 
 def test_causal_refiner_first_token_ignores_last_token():
-    torch.manual_seed(0)
-    block = _perturb_zero_init(LanguageTokenRefinerBlock(DIM, HEADS, causal=True))
-    x, c, mask = torch.randn(1, 6, DIM), torch.randn(1, DIM), _mask([6], 6)
-    changed = x.clone()
-    changed[:, -1] = torch.randn(DIM)
-    torch.testing.assert_close(block(x, mask, c)[:, 0], block(changed, mask, c)[:, 0], atol=1e-6, rtol=0)
+    before, after = _first_token_before_and_after_changing_the_last(causal=True)
+    torch.testing.assert_close(before, after, atol=1e-6, rtol=0)
 
 
 def _refiner_outputs(pad: int):
