@@ -3,25 +3,30 @@
 Measured side by side in one run, in this order:
   1. naive: one caption at a time, instruction + caption as one string, the full causal LM
      in fp32 with every hidden state and the LM head;
-  2. ours: `PromptEncoder.encode` (bf16, prefix KV reuse, stopped at the layer, length-sorted
+  0. precision: compute_dtype "auto" against float32 and bfloat16 (`auto_over_best_fixed`);
+  2. ours: `PromptEncoder.encode` ("auto" dtype, prefix KV reuse, stopped at the layer, length-sorted
      batches), and its speedup over naive;
-  3. ablation: from naive, add one optimisation at a time (batching, bf16, stop at the layer,
+  3. ablation: from naive, add one optimisation at a time (batching, auto dtype, stop at the layer,
      prefix reuse) and print each step's gain;
   4. ours' tokens/s and FLOP rate against this CPU's 2048x2048 matmul rate;
   5. bytes per caption on disk: the real job's Lance cache against a naive padded fp32 cache;
-  6. the Ray encoding path with 2 actors x 1 thread over 1 actor x 1 thread.
+  6. the Ray encoding path with 2 actors x 1 thread over 1 actor x 1 thread;
+  7. the same path beside one spinning process over idle (`busy_neighbour_ratio`).
 
-    python bench/embed.py [--n 2000] [--n-naive 200] [--n-ablation 500] [--n-store 500] [--json]
+    python bench/embed.py [--n 2000] [--n-naive 200] [--n-ablation 500] [--n-store 500]
+                          [--n-precision 256] [--n-busy 1000] [--json]
 (about 4 minutes at these defaults on an idle 2-core CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +37,8 @@ from pathlib import Path
 # `embed` package, here and (Ray copies the script's folder) in every Ray worker.
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [str(BENCH_DIR.parent)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("RAY_USAGE_STATS_ENABLED", "0")):
+for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                   ("OMP_WAIT_POLICY", "PASSIVE")):  # as store/cli.py sets for every command
     os.environ.setdefault(key, value)
 
 import lance  # noqa: E402
@@ -47,6 +53,7 @@ from embed.encoder import PromptEncoder, _convert_gguf, resolve_model_path  # no
 from embed.job import TextEncodeStage, pipeline_schema, run_embed, start_ray  # noqa: E402
 from embed.shapes import make_scene  # noqa: E402
 from store.config import Config, load_config, validate  # noqa: E402
+from store.hardware import detect  # noqa: E402
 from store.writer import CONSTANTS_FILE, SAMPLES, WRITE_OPTIONS  # noqa: E402
 
 CONFIG = "configs/default.yaml"
@@ -153,10 +160,10 @@ def stored_bytes(n_store: int, prefix_len: int, hidden: int) -> dict:
 # tasks and its lazy actor-pool start-up would share the clock with the encoders, and the
 # time from the first output would depend on its scheduling. Each actor is the job's own
 # TextEncodeStage (1 thread), warmed up before timing, fed the job's batches of 64 round-robin.
-def ray_captions_per_s(captions: list[str], actors: int) -> float:
-    config = smollm2_config(["embed.threads_per_actor=1", f"embed.actors={actors}"])
+def ray_captions_per_s(captions: list[str], actors: int, threads: int = 1) -> float:
+    config = smollm2_config([f"embed.threads_per_actor={threads}", f"embed.actors={actors}"])
     schema = pipeline_schema(config.encoders)
-    stage = ray.remote(num_cpus=1)(TextEncodeStage)
+    stage = ray.remote(num_cpus=threads)(TextEncodeStage)
     pool = [stage.remote(config) for _ in range(actors)]
 
     def table(chunk: list[str]) -> pa.Table:
@@ -175,6 +182,25 @@ def ray_captions_per_s(captions: list[str], actors: int) -> float:
     return speed
 
 
+@contextlib.contextmanager
+def busy_neighbour():
+    """One other process spinning for the duration (a user's machine always has neighbours)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def precision_cps(enc_config, dtype: str, captions: list[str]) -> tuple[float, str]:
+    """PromptEncoder.encode captions/s with compute_dtype `dtype`, and what it ran in."""
+    encoder = PromptEncoder(dataclasses.replace(enc_config, compute_dtype=dtype))
+    encoder.encode(captions[:BATCH], batch_size=BATCH)
+    return rate(lambda: encoder.encode(captions, batch_size=BATCH), len(captions)), encoder.compute_dtype_name
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 def main() -> None:
@@ -183,6 +209,9 @@ def main() -> None:
     parser.add_argument("--n-naive", type=int, default=200, help="captions for the (slow) naive loop")
     parser.add_argument("--n-ablation", type=int, default=500, help="captions for each ablation step")
     parser.add_argument("--n-store", type=int, default=500, help="rows the real embed job writes")
+    parser.add_argument("--n-precision", type=int, default=256,
+                        help="captions per precision (bf16 on an AVX2-only CPU: ~5 captions/s)")
+    parser.add_argument("--n-busy", type=int, default=1000, help="captions per busy-neighbour measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -208,13 +237,28 @@ def main() -> None:
     folder = _convert_gguf(resolve_model_path(enc_config.path), Path("~/.cache/lidit/models").expanduser())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     full_fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    full_bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    auto_dtype = getattr(torch, encoder.compute_dtype_name)  # what "auto" runs here: bf16 or fp32
+    full_auto = AutoModelForCausalLM.from_pretrained(folder, dtype=auto_dtype).eval()
     layer, instruction = enc_config.layer, enc_config.instruction.rstrip()
     caption_ids = [encoder.tokenize(c)[0] for c in captions]
     rows = [encoder.prefix_ids + ids for ids in caption_ids]  # [P + n_i] each, no prefix reuse
     print(f"SmolLM2-135M layer {layer}, prefix {len(encoder.prefix_ids)} tokens, captions "
           f"{sum(map(len, caption_ids)) / len(captions):.1f} tokens on average, batch {BATCH}, "
           f"{torch.get_num_threads()} threads")
+
+    # 0. precision: "auto" against each fixed compute dtype, on the same captions.
+    hardware = detect("cpu")
+    results["cpu"] = hardware.describe()
+    print(f"0. precision on {hardware.describe()}")
+    for dtype in ("auto", "float32", "bfloat16"):
+        speed, ran = precision_cps(enc_config, dtype, captions[: args.n_precision])
+        report(f"   compute_dtype={dtype}" + (f" (= {ran})" if dtype == "auto" else ""), f"precision_{dtype}_cps",
+               speed, "captions/s", f"(on {args.n_precision} captions)")
+        if dtype == "auto":
+            results["auto_compute_dtype"] = ran
+    report("   auto_over_best_fixed", "auto_over_best_fixed",
+           results["precision_auto_cps"] / max(results["precision_float32_cps"], results["precision_bfloat16_cps"]),
+           "x", "(goal >= 0.95)")
 
     # 1. naive; its joint tokenisation must give our ids, or the comparison is not like for like.
     sub = captions[: args.n_naive]
@@ -251,7 +295,8 @@ def main() -> None:
     m = args.n_ablation
     steps = [("3a. + batching, length-sorted (fp32, full LM)", "ablation_batched",
               lambda k: batched(full_lm(full_fp32), rows[:k], encoder.pad_id)),
-             ("3b. + bf16", "ablation_bf16", lambda k: batched(full_lm(full_bf16), rows[:k], encoder.pad_id)),
+             (f"3b. + auto compute dtype ({encoder.compute_dtype_name})", "ablation_auto_dtype",
+              lambda k: batched(full_lm(full_auto), rows[:k], encoder.pad_id)),
              ("3c. + stop at the layer (no last blocks/LM head)", "ablation_truncated",
               lambda k: batched(truncated, rows[:k], encoder.pad_id)),
              ("3d. + prefix KV reuse (= ours)", "ablation_prefix_reuse",
@@ -262,7 +307,7 @@ def main() -> None:
         speed = rate(lambda: fn(m), m)
         report(label, f"{key}_cps", speed, "captions/s", f"x{speed / previous:.2f} (on {m} captions)")
         results[f"{key}_gain"], previous = speed / previous, speed
-    del full_fp32, full_bf16
+    del full_fp32, full_auto
 
     # 4. tokens/s against the CPU's matmul rate. Attention scores are left out of the FLOPs
     # (a few % at these lengths); the embedding lookup is not a matmul.
@@ -275,8 +320,9 @@ def main() -> None:
            2 * block_params * results["ours_tokens_per_s"] / 1e9, "GFLOP/s")
     report("   matmul 2048^2 fp32", "matmul_fp32_gflops", matmul_gflops(torch.float32), "GFLOP/s")
     report("   matmul 2048^2 bf16", "matmul_bf16_gflops", matmul_gflops(torch.bfloat16), "GFLOP/s")
-    report("   ours / bf16 matmul rate", "fraction_of_bf16_matmul",
-           results["ours_gflops"] / results["matmul_bf16_gflops"], "")
+    in_use = "bf16" if auto_dtype == torch.bfloat16 else "fp32"
+    report(f"   ours / {in_use} matmul rate (the precision in use)", "fraction_of_matmul",
+           results["ours_gflops"] / results[f"matmul_{in_use}_gflops"], "")
 
     # 5. bytes per caption on disk. One local Ray serves parts 5 and 6: 3 CPUs (2 actors x 1
     # thread, + 1 so the job's read tasks can run); the job reuses it.
@@ -300,6 +346,24 @@ def main() -> None:
     report("   Ray: 2 actors x 1 thread", "ray_2_actors_cps", ray_captions_per_s(captions[: args.n], 2), "captions/s")
     report("   actor_scaling", "actor_scaling", results["ray_2_actors_cps"] / results["ray_1_actor_cps"], "x",
            "(goal >= 1.7)")
+
+    # 7. a busy neighbour: one process spinning (on one core, as the OS places it) beside the
+    # encoding path; the default pool (2 actors x 1 thread) and one 2-thread actor, both with
+    # OMP_WAIT_POLICY=PASSIVE (start_ray passes it to the workers).
+    default = smollm2_config([])
+    actors, threads = default.embed.actors, default.embed.threads_per_actor
+    sub = captions[: args.n_busy]
+    for label, key, a, t in ((f"default pool, {actors} actors x {threads} thread", "default", actors, threads),
+                             ("1 actor x 2 threads", "one_actor_two_threads", 1, 2)):
+        idle = ray_captions_per_s(sub, a, t)
+        with busy_neighbour():
+            busy = ray_captions_per_s(sub, a, t)
+        report(f"7. {label}: idle", f"{key}_idle_cps", idle, "captions/s")
+        report("   beside one spinning process", f"{key}_busy_cps", busy, "captions/s")
+        report("   busy / idle", f"{key}_busy_ratio", busy / idle, "x")
+    results["busy_neighbour_ratio"] = results["default_busy_ratio"]
+    report("   busy_neighbour_ratio (the default pool)", "busy_neighbour_ratio", results["busy_neighbour_ratio"], "x",
+           "(goal >= 0.4)")
     ray.shutdown()
     results["wall_s"] = time.perf_counter() - started
     print(f"total {results['wall_s']:.0f} s")

@@ -2,13 +2,15 @@
 
 Side by side in one run; each training side runs in its own spawned process, so the online
 side's LLM does not inflate the cached side's peak RSS. Both use the real Trainer
-(`make_trainer`: bf16 autocast, grad clipping, EMA) and the same batches and weights:
+(`make_trainer`: the config's precision, grad clipping, EMA) and the same batches and weights:
   1. cached: on the real `CacheDataModule`;  2. online: the prompt encoders recorded in the
   cache's metadata run on the batch's captions in every step (a trainer without a cache);
   3. the same ratio estimated from FLOPs for lidit-1b with LLaMA3-8B + Qwen1.5-7B;
-  4. `loader_over_step`: the data module's samples/s over the cached training step's.
+  4. `loader_over_step`: the data module's samples/s over the cached training step's;
+  5. `auto_over_best_fixed`: train.precision "auto" over the faster of 32-true and bf16-mixed.
 
-    python bench/train.py [--config configs/default.yaml] [--steps 30] [--warmup 5] [--batches 50] [--json]
+    python bench/train.py [--config configs/default.yaml] [--steps 30] [--warmup 5] [--batches 50]
+                          [--precision-steps 5] [--json]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("OMP_WAIT_POLICY", "PASSIVE")):
     os.environ.setdefault(key, value)
 
 import lightning as L  # noqa: E402
@@ -39,8 +41,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from sample.text import PromptFeatures  # noqa: E402
 from store.config import Config, load_config  # noqa: E402
+from store.hardware import detect, train_precision  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
-from train.__main__ import make_trainer, open_cache  # noqa: E402
+from train.run import make_trainer, open_cache  # noqa: E402
 from train.data import BucketBatchSampler, CacheDataModule, caption_dropout_mask  # noqa: E402
 from train.layers import AdaLNZero, TimestepEmbedder  # noqa: E402
 from train.model import TextToImageModel, build_kwargs, count_parameters  # noqa: E402
@@ -124,10 +127,10 @@ def caption_error(module: OnlineModule, reader: CacheReader, rows: list[int]) ->
     return max(errors)
 
 
-def measure_side(config_path: str, side: str, steps: int, warmup: int) -> dict:
+def measure_side(config_path: str, side: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
     """Train `warmup + steps` steps of one side in this (spawned) process; samples/s and peak RSS."""
     setup_process()
-    config = load_config(config_path)
+    config = load_config(config_path, list(overrides))
     reader = open_cache(config)
     L.seed_everything(config.seed, verbose=False)  # the same initial weights on both sides
     data = CacheDataModule(config)
@@ -150,6 +153,7 @@ def measure_side(config_path: str, side: str, steps: int, warmup: int) -> dict:
     result["samples_per_s"] = steps * config.train.batch_size / (clock.end - clock.start)
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     result["parameters"] = module.num_parameters()
+    result["precision"] = str(trainer.precision)
     return result
 
 
@@ -206,6 +210,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per side")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
     parser.add_argument("--batches", type=int, default=50, help="batches for the loader alone")
+    parser.add_argument("--precision-steps", type=int, default=5,
+                        help="timed steps per precision in part 5 (bf16 on an AVX2-only CPU: ~13 s a step)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
@@ -225,7 +231,8 @@ def main() -> int:
         print(f"{label:<48} {value:>12,.2f} {unit:<11} {note}", flush=True)
 
     print(f"{args.config}: cache {config.cache_path} ({len(CacheReader(config.cache_path))} rows), batch {batch}, "
-          f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, bf16 autocast")
+          f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, "
+          f"precision {config.train.precision}")
     cached = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)
     online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
     results["parameters"] = cached["parameters"]
@@ -253,6 +260,19 @@ def main() -> int:
            loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
     report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
            "(goal >= 5)")
+    # 5. precision: "auto" against each fixed choice, the same steps, each in its own process.
+    hardware = detect("auto")
+    print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
+    for label in ("auto", "32-true", "bf16-mixed"):
+        side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
+                              (f"train.precision={label}",))
+        report(f"   train.precision={label}", f"precision_{label}_samples_per_s", side["samples_per_s"], "samples/s",
+               f"({args.precision_steps} steps)")
+    best = max(results["precision_32-true_samples_per_s"], results["precision_bf16-mixed_samples_per_s"])
+    report("   auto_over_best_fixed", "auto_over_best_fixed", results["precision_auto_samples_per_s"] / best, "x",
+           "(goal >= 0.95)")
+    results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
+
     if args.json:
         print(json.dumps(results))
     return 0

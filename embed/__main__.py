@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from store import cli  # first: process defaults before torch loads (store/cli.py)
 import sys
 
 from embed.codecs import CodecError
@@ -13,17 +13,11 @@ from store.writer import CacheMismatch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m embed", description=__doc__)
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set embed.actors=2")
+    parser = cli.config_parser("python -m embed", __doc__)
     parser.add_argument("--limit", type=int, default=None, help="embed only the first N items")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    cli.quiet_libraries()
     from embed.job import run_embed
 
     try:

@@ -18,6 +18,7 @@ are never run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from store.config import EncoderConfig
+from store.hardware import compute_dtype, detect
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 CAPTION_SENTINEL = "\u2063CAPTION\u2063"  # splits a chat template around the caption
@@ -90,8 +92,18 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+CONVERT_DIR = Path("~/.cache/lidit/models")  # where GGUF files are dequantised, once
+
+
+def converted_folder(gguf_path: Path, convert_dir: Path = CONVERT_DIR) -> Path:
+    """The safetensors folder a GGUF file is (or will be) dequantised into."""
+    return convert_dir.expanduser() / f"{gguf_path.stem}-{content_hash(gguf_path)}"
+
+
 def model_num_blocks(path: Path) -> int:
     """Number of transformer blocks, read without loading weights (for early validation)."""
+    if path.suffix == ".gguf" and (converted_folder(path) / "config.json").is_file():
+        path = converted_folder(path)  # parsing the GGUF costs 3 s; its conversion's config.json nothing
     if path.suffix == ".gguf":
         import gguf
 
@@ -118,11 +130,12 @@ def blocks_to_run(layer: int, num_blocks: int) -> int:
     return blocks
 
 
-def _convert_gguf(gguf_path: Path, convert_dir: Path) -> Path:
+def _convert_gguf(gguf_path: Path, convert_dir: Path = CONVERT_DIR) -> Path:
     """Dequantise a GGUF once into a safetensors folder (13 s load becomes 0.3 s after)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = convert_dir / f"{gguf_path.stem}-{content_hash(gguf_path)}"
+    convert_dir = convert_dir.expanduser()
+    target = converted_folder(gguf_path, convert_dir)
     if (target / "config.json").is_file():
         return target
     kwargs = {"gguf_file": gguf_path.name}
@@ -152,13 +165,16 @@ class PromptEncoder:
     """A frozen text encoder truncated at one layer, with the instruction prefix shared."""
 
     def __init__(self, config: EncoderConfig, device: str = "cpu",
-                 convert_dir: str | Path = "~/.cache/lidit/models", expect_hash: str | None = None):
+                 convert_dir: str | Path = CONVERT_DIR, expect_hash: str | None = None):
         """`expect_hash`: refuse (before loading any weights) a model whose content hash differs."""
         from transformers import AutoModel, AutoTokenizer
 
         self.config = config
         self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.hardware = detect(device)
+        # "auto" resolves here, once: bf16 only where this device runs it natively (store/hardware.py)
+        self.compute_dtype_name = compute_dtype(config.compute_dtype, self.hardware, frozen_llm=True)
+        self.compute_dtype = DTYPES[self.compute_dtype_name]
         self.store_dtype = DTYPES[config.store_dtype]
         self.source_path = resolve_model_path(config.path)
         self.num_blocks = model_num_blocks(self.source_path)
@@ -172,7 +188,7 @@ class PromptEncoder:
 
         load_path = self.source_path
         if self.source_path.suffix == ".gguf":
-            load_path = _convert_gguf(self.source_path, Path(convert_dir).expanduser())
+            load_path = _convert_gguf(self.source_path, Path(convert_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(load_path)
         model = AutoModel.from_pretrained(load_path, dtype=self.compute_dtype)
         self.model = _truncate(model, self.blocks).to(self.device).eval().requires_grad_(False)
@@ -296,21 +312,17 @@ class PromptEncoder:
     def identity(self) -> dict:
         """What the store records so a reader can refuse features from another encoder."""
         return {
-            "name": self.config.name,
-            "kind": self.config.kind,
+            **dataclasses.asdict(self.config),  # every config field, so the config can be rebuilt
             "path": str(self.config.path),
+            "compute_dtype": self.compute_dtype_name,  # what ran, "auto" resolved
+            "compute_dtype_requested": self.config.compute_dtype,
+            "hardware": self.hardware.describe(),
             "model_hash": self.model_hash,
             "num_blocks": self.num_blocks,
-            "layer": self.config.layer,
             "blocks_run": self.blocks,
-            "instruction": self.config.instruction if self.causal else None,
-            "chat_template": self.config.chat_template,
             "prefix_ids": self.prefix_ids,
             "prefix_len": len(self.prefix_ids),
             "suffix_ids": self.suffix_ids,
-            "max_tokens": self.config.max_tokens,
-            "compute_dtype": self.config.compute_dtype,
-            "store_dtype": self.config.store_dtype,
             "hidden_size": self.hidden_size,
             "tokenizer": type(self.tokenizer).__name__,
             "vocab_size": len(self.tokenizer),
@@ -339,14 +351,24 @@ def _truncate(model, blocks: int):
     raise EncoderError(f"don't know how to truncate {type(model).__name__}")
 
 
-def encoder_from_record(record: dict, device: str = "cpu") -> PromptEncoder:
-    """The encoder that wrote a cache's encoder record, refused if its weights changed."""
-    return PromptEncoder(encoder_config_from_meta(record), device=device, expect_hash=record["model_hash"])
+def encoder_from_record(record: dict, device: str = "cpu", exact: bool = False) -> PromptEncoder:
+    """The encoder that wrote a cache's encoder record, refused if its weights changed.
+
+    `exact`: run in the compute dtype the record says ran (`store check --recompute`).
+    Otherwise a record whose dtype was "auto" resolves "auto" again for this device, so
+    sampling on an AVX2-only CPU does not crawl through bf16 for a cache made on an AMX one.
+    """
+    config = encoder_config_from_meta(record)
+    if not exact and record.get("compute_dtype_requested") == "auto":
+        config = dataclasses.replace(config, compute_dtype="auto")
+    return PromptEncoder(config, device=device, expect_hash=record["model_hash"])
 
 
 def encoder_config_from_meta(record: dict) -> EncoderConfig:
-    """Rebuild the EncoderConfig that produced a cache's encoder record (check, sampling)."""
-    return EncoderConfig(name=record["name"], path=record["path"], kind=record["kind"], layer=record["layer"],
-                         instruction=record["instruction"], chat_template=record["chat_template"],
-                         max_tokens=record["max_tokens"], compute_dtype=record["compute_dtype"],
-                         store_dtype=record["store_dtype"])
+    """Rebuild the EncoderConfig that produced a cache's encoder record (check, sampling).
+
+    Every EncoderConfig field is taken from the record, so a field added later is carried
+    too; a record written before that field existed gets the field's default.
+    """
+    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    return EncoderConfig(**{k: v for k, v in record.items() if k in fields})

@@ -11,7 +11,9 @@ Rejected inputs are written to the rejects table with their stage and reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from embed.shapes import world_spec
 from embed.sources import list_items, load_item
 from store.config import Config, ConfigError, EncoderConfig
 from store.schema import tensor_to_bytes
-from store.writer import CacheWriter
+from store.writer import CacheWriter, read_meta
 
 
 @dataclass
@@ -148,13 +150,20 @@ def validate_before_work(config: Config) -> None:
 
 
 @ray.remote
-def _describe(config: Config) -> tuple[list[dict], dict, dict]:
+def _describe(config: Config, adopt: dict[str, str]) -> tuple[list[dict], dict, dict]:
     """Encoder identities, shared text constants and codec identity, computed on a worker
-    (the driver may be a head node without the memory or GPU an 8B LLM needs)."""
+    (the driver may be a head node without the memory or GPU an 8B LLM needs).
+
+    `auto` compute dtypes resolve here, on an encoder's kind of worker, once for the whole
+    run; `adopt` maps encoder names to the dtype an existing cache recorded for `auto`,
+    so a resumed cache keeps one compute dtype whatever machine resumes it."""
     identities, constants = [], {}
     for enc_config in config.encoders:
+        requested = enc_config.compute_dtype
+        if requested == "auto" and enc_config.name in adopt:
+            enc_config = dataclasses.replace(enc_config, compute_dtype=adopt[enc_config.name])
         enc = PromptEncoder(enc_config, device=config.embed.device)
-        identities.append(enc.identity())
+        identities.append({**enc.identity(), "compute_dtype_requested": requested})
         null = enc.null_caption()
         constants[f"{enc_config.name}.prefix_states"] = enc.prefix_states
         constants[f"{enc_config.name}.prefix_ids"] = torch.tensor(enc.prefix_ids, dtype=torch.int32)
@@ -164,27 +173,62 @@ def _describe(config: Config) -> tuple[list[dict], dict, dict]:
     return identities, constants, codec.identity()
 
 
+def with_resolved_dtypes(config: Config, identities: list[dict]) -> Config:
+    """The config with every encoder's compute dtype as recorded: the actors run exactly that."""
+    ran = {record["name"]: record["compute_dtype"] for record in identities}
+    encoders = [dataclasses.replace(e, compute_dtype=ran[e.name]) for e in config.encoders]
+    return dataclasses.replace(config, encoders=encoders)
+
+
 def start_ray(config: Config) -> None:
+    """Join RAY_ADDRESS / embed.ray_address, else start a local Ray sized for the encoder pool.
+
+    Workers get the driver's OpenMP wait policy (PASSIVE unless set): a spin-waiting
+    OpenMP team collapses when another process shares its cores (docs/BENCHMARKS.md)."""
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+    # Ray Data's actor pool makes Ray's C++ core log an error line on every run ("constructor
+    # arguments in the object store", ray-project/ray#53727) that is no error of this job;
+    # failures still reach us as Python exceptions. RAY_BACKEND_LOG_LEVEL=error shows it again.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": runtime_env}
     address = config.embed.ray_address
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # A local Ray: one CPU more than the encoder actors hold, so read tasks can run.
         cpus = config.embed.actors * config.embed.threads_per_actor + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
     else:
-        ray.init(address=address or "auto", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.init(address=address or "auto", **quiet)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the job draws its own bar
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def run_embed(config: Config, limit: int | None = None, progress: bool = True) -> EmbedSummary:
+def with_config(stage: type, config: Config) -> type:
+    """`stage` with `config` bound in: Ray Data then starts its actors with no constructor
+    arguments, which it would otherwise keep in the object store and warn about each run."""
+    return type(stage.__name__, (stage,), {"__init__": lambda self: stage.__init__(self, config)})
+
+
+def run_embed(config: Config, limit: int | None = None, progress: bool = True, log=print) -> EmbedSummary:
     started = time.time()
     validate_before_work(config)
     items = list_items(config)
     if limit is not None:
         items = items[:limit]
     start_ray(config)
-    identities, constants, codec_identity = ray.get(_describe.remote(config))
+    existing = read_meta(config.cache_path)
+    adopt = {r["name"]: r["compute_dtype"] for r in (existing or {}).get("encoders", [])
+             if r.get("compute_dtype_requested") == "auto"}
+    describe = _describe.options(num_gpus=config.embed.gpus_per_actor)
+    identities, constants, codec_identity = ray.get(describe.remote(config, adopt))
+    for record in identities:
+        note = " (kept from the existing cache)" if record["name"] in adopt else ""
+        log(f"embed: {record['name']} computes in {record['compute_dtype']} "
+            f"(asked: {record['compute_dtype_requested']}{note}) on {record['hardware']}")
+    config = with_resolved_dtypes(config, identities)
     meta = {"encoders": identities, "codec": codec_identity, "buckets": config.codec.buckets,
             "source": {"kind": config.data.source, "path": config.data.path,
                        "world": world_spec(config.data.height, config.data.width)
@@ -207,16 +251,20 @@ def _run_pipeline(config: Config, todo: list[dict], writer: CacheWriter, summary
     from ray.data import ActorPoolStrategy
 
     emb = config.embed
+    # Each actor call gets several encoder batches' worth of rows: PromptEncoder sorts a call's
+    # captions by length, so a call of exactly one batch would pad every row to its longest
+    # caption (measured: 2x the work on shapes captions, 7 tokens on average, 15 at most).
+    block = min(emb.shard_rows, 4 * emb.batch_size)
     ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo],
-                             override_num_blocks=max(1, len(todo) // emb.batch_size))
+                             override_num_blocks=max(1, len(todo) // block))
     ds = ds.map_batches(read_stage, fn_kwargs={"config": config}, batch_format="pyarrow",
-                        batch_size=emb.batch_size, num_cpus=0.5)
+                        batch_size=block, num_cpus=0.5)
     if config.codec.kind == "vae":
-        ds = ds.map_batches(VAEStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
-                            batch_size=emb.batch_size, compute=ActorPoolStrategy(size=emb.actors),
+        ds = ds.map_batches(with_config(VAEStage, config), batch_format="pyarrow",
+                            batch_size=block, compute=ActorPoolStrategy(size=emb.actors),
                             num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
-    ds = ds.map_batches(TextEncodeStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
-                        batch_size=emb.batch_size, compute=ActorPoolStrategy(size=emb.actors),
+    ds = ds.map_batches(with_config(TextEncodeStage, config), batch_format="pyarrow",
+                        batch_size=block, compute=ActorPoolStrategy(size=emb.actors),
                         num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
     bar = tqdm(total=len(todo), desc="embed", unit="caption", disable=not progress, mininterval=2.0)
     for batch in ds.iter_batches(batch_size=emb.shard_rows, batch_format="pyarrow"):

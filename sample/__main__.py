@@ -9,6 +9,7 @@ the config's `sample` section.
 
 from __future__ import annotations
 
+from store import cli  # first: process defaults before torch loads (store/cli.py)
 import argparse
 import math
 import sys
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 
 from embed.codecs import CodecError
 from embed.encoder import EncoderError
-from sample.generate import SampleError, check_request, default_size, generate, image_grid, load_codec
+from sample.generate import (SampleError, check_request, default_size, generate, image_grid, load_codec,
+                             resolve_precision)
 from sample.layouts import LayoutError, make_layout, save_png
-from sample.text import PromptFeatureError, PromptFeatures, quiet_transformers
+from sample.text import PromptFeatureError, PromptFeatures
 from store.config import ConfigError, load_config
 from train.export import ExportError, load_exported
 
@@ -31,10 +33,7 @@ BENCHMARKS = ("geneval", "t2i-compbench", "dpg-bench")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = cli.config_parser("python -m sample", __doc__)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
@@ -99,18 +98,18 @@ def render_benchmark(render, layout, limit: int | None, batch_size: int, metadat
 
 
 def sampling_settings(args: argparse.Namespace, config) -> dict:
-    """generate()'s keyword settings: the command line's, else the config's."""
+    """generate()'s keyword settings: the command line's, else the config's ("auto" resolved)."""
     s = config.sample
     height, width = default_size(config)
     return {"steps": args.steps or s.steps, "cfg_scale": s.cfg_scale if args.cfg is None else args.cfg,
             "solver": args.solver or s.solver, "seed": s.seed if args.seed is None else args.seed,
             "height": args.height or height, "width": args.width or width,
-            "batch_size": args.batch_size or s.batch_size, "precision": s.precision}
+            "batch_size": args.batch_size or s.batch_size, "precision": resolve_precision(s.precision, args.device)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
+    cli.quiet_libraries()
     started = time.time()
     benchmark = next((name for name in BENCHMARKS if getattr(args, name.replace("-", "_"))), None)
     try:
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = f"the {benchmark} layout in {out}" if benchmark else f"{out} (and {out / 'grid.png'})"
     print(f"sample: {count} images ({settings['height']}x{settings['width']}, {settings['solver']} "
-          f"{settings['steps']} steps, cfg {settings['cfg_scale']}, {metadata['weights']} weights of step "
+          f"{settings['steps']} steps, cfg {settings['cfg_scale']}, {settings['precision']}, {metadata['weights']} weights of step "
           f"{exported.step}) in {time.time() - started:.1f} s -> {where}")
     return 0
 

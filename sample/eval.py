@@ -15,7 +15,7 @@ first 32 generated images) and grid_captions.txt to <run>/eval.
 
 from __future__ import annotations
 
-import argparse
+from store import cli  # first: process defaults before torch loads (store/cli.py)
 import json
 import sys
 import time
@@ -27,10 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from embed.codecs import CodecError
 from embed.encoder import EncoderError
-from sample.generate import SampleError, generate, image_grid, load_codec
+from sample.generate import SampleError, generate, image_grid, load_codec, resolve_precision
 from sample.layouts import save_png
 from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, shapeeval
-from sample.text import PromptFeatureError, quiet_transformers
+from sample.text import PromptFeatureError
 from store.config import Config, ConfigError, load_config
 from store.reader import CacheError, CacheReader
 from train.export import ExportError, load_exported
@@ -131,7 +131,7 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     s = config.sample
     settings = {"steps": s.steps, "cfg_scale": s.cfg_scale, "solver": s.solver, "seed": s.seed,
                 "height": world["height"], "width": world["width"], "batch_size": s.batch_size,
-                "precision": s.precision}
+                "precision": resolve_precision(s.precision, device)}
     codec = load_codec(exported, device)
     images = {
         "model": generate(exported, captions, **settings, progress=progress, codec=codec),
@@ -157,16 +157,13 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sample.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = cli.config_parser("python -m sample.eval", __doc__)
     parser.add_argument("--limit", type=int, help="only the first N held-out rows")
     parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
     parser.add_argument("--out", type=Path, help="default: <run>/eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    quiet_transformers()
+    cli.quiet_libraries()
     started = time.time()
     try:
         config = load_config(args.config, args.overrides)

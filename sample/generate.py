@@ -22,10 +22,19 @@ from sample.layouts import make_grid
 from sample.solvers import SOLVERS, classifier_free_guidance, sample
 from sample.text import PromptFeatures, doubled_batch
 from store.config import Config
+from store.hardware import detect, sample_precision
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # sample.precision, "auto" resolved
 
 
 class SampleError(ValueError):
     """A sampling request the exported model cannot serve (size, solver, codec)."""
+
+
+def resolve_precision(requested: str, device: str | torch.device) -> str:
+    """sample.precision with "auto" resolved for `device`: "bf16", "fp16" or "fp32"."""
+    return sample_precision(requested, detect(str(device)))
 
 
 def default_size(config: Config) -> tuple[int, int]:
@@ -84,6 +93,7 @@ def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solv
         raise SampleError(f"batch_size must be >= 1, got {batch_size}")
     model = exported.model
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     if text is None:
         text = PromptFeatures(exported.encoders, exported.prefix, exported.null, device=str(device),
                               load_encoders=not unconditional_only)
@@ -101,7 +111,8 @@ def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solv
             masks = [f.mask.to(device) for f in doubled]  # n x [2B, L_i] bool
 
             def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32),
+                                    enabled=precision in AUTOCAST):
                     return model(x, t, states, masks).float()  # the solver integrates in fp32
 
             first = first_index + start

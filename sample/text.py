@@ -52,14 +52,6 @@ class PromptFeatures:
         return [assemble_text(self.prefix[n], [self.null_states[n]] * batch) for n in self.names]
 
 
-def quiet_transformers() -> None:
-    """Errors only from transformers: its load reports would bury a command's own output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def _pad_to(features: TextFeatures, length: int) -> TextFeatures:
     """Right-pad to `length` tokens: zero states, mask False."""
     batch, current, dim = features.states.shape

@@ -50,7 +50,8 @@ class EncoderConfig:
     instruction: str | None = PAPER_INSTRUCTION
     chat_template: bool = False  # wrap instruction + caption in the tokenizer's chat template
     max_tokens: int = 128  # caption tokens kept; longer captions are truncated and flagged
-    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # forward dtype; "auto": bf16 where the hardware runs it natively, else fp32 (store/hardware.py)
+    compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     backend: Literal["transformers", "vllm"] = "transformers"
 
@@ -66,8 +67,8 @@ class CodecConfig:
 @dataclass
 class EmbedConfig:
     ray_address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS when set)
-    actors: int = 1  # encoder actors in the pool
-    threads_per_actor: int = 2
+    actors: int = 2  # encoder actors in the pool
+    threads_per_actor: int = 1  # processes, not threads: a neighbour slows one actor, not a whole team
     gpus_per_actor: float = 0.0
     batch_size: int = 64  # captions per encoder call (sorted by length inside)
     shard_rows: int = 512  # rows per Lance commit: the unit of resumption
@@ -101,7 +102,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # probability of training on the unconditional text
-    precision: str = "bf16-mixed"
+    # Lightning precision; "auto": bf16-mixed with native bf16, else 32-true (16-mixed on older GPUs)
+    precision: str = "auto"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     devices: int = 1
     accelerator: str = "auto"
@@ -121,7 +123,8 @@ class SampleConfig:
     height: int | None = None  # default: the first codec bucket
     width: int | None = None
     use_ema: bool = True
-    precision: Literal["bf16", "fp32"] = "bf16"  # denoiser autocast (bf16 is ~1.5-2x faster on CPU too)
+    # denoiser autocast; "auto": bf16 with native bf16, fp16 on older GPUs, else fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     prompts: list[str] = field(default_factory=list)
 
 

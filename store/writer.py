@@ -38,7 +38,7 @@ class CacheMismatch(ValueError):
 
 def identity_diff(have: dict, want: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two metadata trees (ignoring volatile keys)."""
-    volatile = {"created", "rows", "path"}
+    volatile = {"created", "rows", "path", "hardware"}  # hardware: where it ran, not what
     diffs = []
     for key in sorted(set(have) | set(want)):
         if key in volatile:
@@ -55,6 +55,12 @@ def identity_diff(have: dict, want: dict, prefix: str = "") -> list[str]:
         elif a != b:
             diffs.append(f"{where}: cache has {a!r}, config wants {b!r}")
     return diffs
+
+
+def read_meta(root: str | Path) -> dict | None:
+    """The metadata of the cache at `root`, or None where there is no cache yet."""
+    meta_path = Path(root) / META_FILE
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else None
 
 
 class CacheWriter:

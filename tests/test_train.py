@@ -11,7 +11,7 @@ import torch
 
 from store.config import Config, build, validate
 from store.reader import CacheError
-from train.__main__ import run_train
+from train.run import run_train
 from train.data import BucketBatchSampler
 from train.export import load_exported
 

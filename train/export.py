@@ -26,8 +26,10 @@ class ExportError(FileNotFoundError):
     """No exported weights where they were expected."""
 
 
-def export(module, reader: CacheReader, out_dir: str | Path, step: int) -> Path:
-    """Write the module's raw and EMA weights, its build arguments and the text constants."""
+def export(module, reader: CacheReader, out_dir: str | Path, step: int, runtime: dict | None = None) -> Path:
+    """Write the module's raw and EMA weights, its build arguments and the text constants.
+
+    `runtime`: how the run ran (the resolved precision, the hardware), recorded as is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, net in (("model", module.model), ("ema", module.ema)):
@@ -39,7 +41,7 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int) -> Path:
         constants[f"{name}.null_states"] = reader.null[name].contiguous()
     save_file(constants, str(out / "text_constants.safetensors"))
     info = {"build": module.kwargs, "config": module.config.to_dict(), "cache_meta": reader.meta,
-            "encoders": module.encoder_names, "step": step}
+            "encoders": module.encoder_names, "step": step, "runtime": runtime or {}}
     (out / "model.json").write_text(json.dumps(info, indent=2))
     return out
 

@@ -12,7 +12,7 @@ object storage.
 
 from __future__ import annotations
 
-import argparse
+from store import cli  # first: process defaults before torch loads (store/cli.py)
 import sys
 
 
@@ -20,7 +20,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from store.config import Config, build
-    from train.__main__ import run_train
+    from train.run import run_train
 
     config = build(Config, loop_config["config"], "")
     run_train(config, progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from store.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m train.ray_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = cli.config_parser("python -m train.ray_train", __doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpus", action="store_true", help="one GPU per worker")
     args = parser.parse_args(argv)

@@ -1,0 +1,94 @@
+"""Running a training: the cache check, the Trainer, fit, checkpoint and export.
+
+The library behind `python -m train`, Ray Train's workers (train/ray_train.py) and the
+benchmarks. No LLM is loaded: the text side reads the cached features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from store.config import Config
+from store.hardware import Hardware, detect, train_precision
+from store.reader import CacheReader
+from train.data import CacheDataModule
+from train.export import export
+from train.module import LIDiTModule
+
+
+def open_cache(config: Config) -> CacheReader:
+    """The cache, checked against the config's encoders (refused with a clear message)."""
+    reader = CacheReader(config.cache_path, encoders=config.model.encoders)
+    used = set(config.model.encoders or [e.name for e in config.encoders])
+    reader.check_matches([dataclasses.asdict(e) for e in config.encoders if e.name in used])
+    return reader
+
+
+def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[str, Hardware]:
+    """The Lightning precision this process trains in ("auto" resolved) and the hardware."""
+    accelerator = accelerator or config.train.accelerator
+    hardware = detect("cpu" if accelerator == "cpu" else "auto")
+    return train_precision(config.train.precision, hardware), hardware
+
+
+def make_trainer(config: Config, checkpoint_dir: Path, progress: bool = True, **overrides) -> L.Trainer:
+    """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here."""
+    train = config.train
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", every_n_train_steps=train.checkpoint_every,
+                                 save_top_k=1, enable_version_counter=False)
+    loggers = [CSVLogger(config.run_path, name="logs", version="", flush_logs_every_n_steps=10),
+               TensorBoardLogger(config.run_path, name="tensorboard", version="")]
+    kwargs = dict(
+        max_steps=train.steps, precision=train.precision, accelerator=train.accelerator, devices=train.devices,
+        strategy=train.strategy, gradient_clip_val=train.grad_clip, logger=loggers,
+        # tqdm, not rich: it also prints readable periodic lines when stdout is a log file
+        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else []),
+        log_every_n_steps=train.log_every, enable_progress_bar=progress, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_model_summary=progress, use_distributed_sampler=False,
+        max_time=timedelta(minutes=train.max_minutes) if train.max_minutes else None,
+    )
+    kwargs.update(overrides)
+    if kwargs["precision"] == "auto":
+        kwargs["precision"], _ = resolve_precision(config, kwargs["accelerator"])
+    return L.Trainer(**kwargs)
+
+
+def run_train(config: Config, fresh: bool = False, progress: bool = True,
+              prepare: Callable[[L.Trainer], L.Trainer] | None = None, log=print, **trainer_overrides) -> dict:
+    """Train (resuming from last.ckpt unless `fresh`), checkpoint, and export the weights.
+
+    `prepare` adapts the trainer before fitting (Ray Train's `prepare_trainer`); the
+    overrides replace make_trainer's arguments (devices, strategy, plugins, ...).
+    """
+    started = time.time()
+    reader = open_cache(config)
+    precision, hardware = resolve_precision(config, trainer_overrides.get("accelerator"))
+    trainer_overrides.setdefault("precision", precision)
+    log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}")
+    checkpoint_dir = config.run_path / "checkpoints"
+    resume = checkpoint_dir / "last.ckpt"
+    L.seed_everything(config.seed, verbose=False)  # the initial weights
+    module = LIDiTModule(config.to_dict(), reader.meta)
+    trainer = make_trainer(config, checkpoint_dir, progress, **trainer_overrides)
+    if prepare is not None:
+        trainer = prepare(trainer)
+    trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() and not fresh else None,
+                weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
+    # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
+    # every rank must call; rank 0 writes it.
+    trainer.save_checkpoint(resume, weights_only=False)
+    if trainer.global_rank == 0:
+        export(module, reader, checkpoint_dir, trainer.global_step,
+               runtime={"train_precision": precision, "hardware": hardware.describe()})
+    losses = trainer.logged_metrics
+    return {"steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
+            "loss": float(losses["train/loss"]) if "train/loss" in losses else None,
+            "parameters": module.num_parameters(), "logs": str(config.run_path / "logs"), "precision": precision}
