@@ -50,6 +50,7 @@ test: install
 bench: install
 	$(PY) bench/embed.py
 	$(PY) bench/train.py
+	$(PY) bench/threads.py
 
 clean:
 	rm -rf $(RUN)

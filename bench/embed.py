@@ -21,12 +21,10 @@ Measured side by side in one run, in this order:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +51,7 @@ from embed.encoder import PromptEncoder, _convert_gguf, resolve_model_path  # no
 from embed.job import TextEncodeStage, pipeline_schema, run_embed, start_ray  # noqa: E402
 from embed.shapes import make_scene  # noqa: E402
 from store.config import Config, load_config, validate  # noqa: E402
+from bench.threads import busy_neighbour  # noqa: E402
 from store.hardware import detect  # noqa: E402
 from store.writer import CONSTANTS_FILE, SAMPLES, WRITE_OPTIONS  # noqa: E402
 
@@ -118,10 +117,13 @@ def batched(forward, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
 
 # -- 4. this CPU's matmul rate ----------------------------------------------------------------
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a size x size matmul, over about `seconds` (bf16 on an AVX2-only CPU takes
+    ~20 s a product, so the repetitions follow the first product's time)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(2):
-        a @ b
+    start = time.perf_counter()
+    a @ b
+    reps = max(1, min(10, int(seconds / (time.perf_counter() - start))))
     return rate(lambda: [a @ b for _ in range(reps)], reps) * 2 * size**3 / 1e9
 
 
@@ -180,18 +182,6 @@ def ray_captions_per_s(captions: list[str], actors: int, threads: int = 1) -> fl
     for a in pool:
         ray.kill(a)
     return speed
-
-
-@contextlib.contextmanager
-def busy_neighbour():
-    """One other process spinning for the duration (a user's machine always has neighbours)."""
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        spinner.kill()
-        spinner.wait()
 
 
 def precision_cps(enc_config, dtype: str, captions: list[str]) -> tuple[float, str]:

@@ -82,6 +82,7 @@ def in_fresh_process(loop: str, threads: int, policy: str | None, amount: int) -
 
 @contextlib.contextmanager
 def busy_neighbour():
+    """One other process spinning for the duration (a user's machine always has neighbours)."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)

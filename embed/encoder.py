@@ -228,7 +228,7 @@ class PromptEncoder:
             prefix = self.tokenizer(instruction, add_special_tokens=True)["input_ids"]
         suffix = self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"] if suffix_text else []
         # The prefix is tokenised without its trailing space; the space leads the caption,
-        # which is how a joint tokenisation would have split it (FACTS.md).
+        # which is how a joint tokenisation would have split it (docs/FACTS.md).
         lead = " " if instruction and not instruction.endswith("\n") else ""
         return list(prefix), list(suffix), lead
 

@@ -169,7 +169,7 @@ def _describe(config: Config, adopt: dict[str, str]) -> tuple[list[dict], dict, 
         constants[f"{enc_config.name}.prefix_ids"] = torch.tensor(enc.prefix_ids, dtype=torch.int32)
         constants[f"{enc_config.name}.null_states"] = null.states
         constants[f"{enc_config.name}.null_ids"] = torch.from_numpy(null.ids)
-    codec = PixelCodec() if config.codec.kind == "pixel" else make_codec(config.codec, config.embed.device)
+    codec = make_codec(config.codec, config.embed.device)
     return identities, constants, codec.identity()
 
 
@@ -225,7 +225,7 @@ def run_embed(config: Config, limit: int | None = None, progress: bool = True, l
     describe = _describe.options(num_gpus=config.embed.gpus_per_actor)
     identities, constants, codec_identity = ray.get(describe.remote(config, adopt))
     for record in identities:
-        note = " (kept from the existing cache)" if record["name"] in adopt else ""
+        note = ", kept from the existing cache" if record["name"] in adopt else ""
         log(f"embed: {record['name']} computes in {record['compute_dtype']} "
             f"(asked: {record['compute_dtype_requested']}{note}) on {record['hardware']}")
     config = with_resolved_dtypes(config, identities)

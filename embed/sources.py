@@ -24,7 +24,6 @@ from embed.codecs import assign_bucket, fit_to_bucket
 from store.config import Config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MAX_CAPTION_CHARS = 10_000  # beyond this a "caption" is a data error, not a long prompt
 EVAL_SEED_OFFSET = 1_000_003  # the held-out split draws from its own random stream
 
 
@@ -105,8 +104,8 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})"
 
 
-def _caption(item: dict) -> tuple[str | None, str | None]:
-    """(caption, rejection reason)."""
+def _caption(item: dict, max_chars: int | None = None) -> tuple[str | None, str | None]:
+    """(caption, rejection reason); `max_chars`: data.max_caption_chars."""
     text = item.get("caption")
     if item.get("caption_file"):
         text, error = _decode(Path(item["caption_file"]).read_bytes())
@@ -119,8 +118,9 @@ def _caption(item: dict) -> tuple[str | None, str | None]:
     text = text.strip()
     if not text:
         return None, "empty caption"
-    if len(text) > MAX_CAPTION_CHARS:
-        return None, f"caption longer than {MAX_CAPTION_CHARS} characters ({len(text)})"
+    # A long caption is kept: each encoder truncates it at its max_tokens and flags the row.
+    if max_chars is not None and len(text) > max_chars:
+        text = text[:max_chars]  # the stored caption is exactly the text that was encoded
     return text, None
 
 
@@ -160,7 +160,7 @@ def load_item(item: dict, config: Config) -> dict:
                    bucket=assign_bucket(config.data.height, config.data.width, config.codec.buckets),
                    source=f"shapes:{seed}:{index}")
         return out
-    caption, reason = _caption(item)
+    caption, reason = _caption(item, config.data.max_caption_chars)
     out["caption"] = caption
     if reason is None and item.get("need_image"):
         out["pixels"], out["bucket"], reason = _image(item, config)

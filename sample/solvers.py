@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from store.config import SOLVERS_FOR_OBJECTIVE
 from train.diffusion import EpsilonObjective, FlowObjective, Objective
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t_net) -> prediction
@@ -181,10 +182,9 @@ def heun(denoiser: Denoiser, objective: FlowObjective, noise: torch.Tensor, step
     return x
 
 
-SOLVERS = {
-    "eps": {"ddim": ddim, "dpmpp": dpm_solver_pp},
-    "flow": {"euler": euler, "heun": heun},
-}
+_BY_NAME = {"ddim": ddim, "dpmpp": dpm_solver_pp, "euler": euler, "heun": heun}
+# objective -> {solver name: solver}, from the config's one table of which solver fits which objective
+SOLVERS = {objective: {name: _BY_NAME[name] for name in names} for objective, names in SOLVERS_FOR_OBJECTIVE.items()}
 
 
 def sample(objective_name: str, solver_name: str, guided: Denoiser, objective: Objective,

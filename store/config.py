@@ -26,6 +26,10 @@ PAPER_INSTRUCTION = (
 )
 
 
+# Which ODE solvers fit which training objective (sampling checks against this one table).
+SOLVERS_FOR_OBJECTIVE = {"flow": ("euler", "heun"), "eps": ("ddim", "dpmpp")}
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
 
@@ -39,6 +43,10 @@ class DataConfig:
     height: int = 32  # shapes only: image size in pixels
     width: int = 32
     min_image_side: int = 16  # real images smaller than this are rejected
+    # Optional guard against malformed input (a whole document in a caption field): a longer
+    # caption is cut to this many characters before tokenising, bounding the tokenizer's work
+    # and the row's size. The row is kept; the encoders still truncate at max_tokens and flag it.
+    max_caption_chars: int | None = None
 
 
 @dataclass
@@ -47,7 +55,7 @@ class EncoderConfig:
     path: str  # local HF directory, a .gguf file, or "embedded:smollm2" / "embedded:minilm"
     kind: Literal["causal", "bidirectional"] = "causal"
     layer: int = -3  # output of this block; negative counts from the end (-3: paper's choice)
-    instruction: str | None = PAPER_INSTRUCTION
+    instruction: str | None = PAPER_INSTRUCTION  # bidirectional encoders: none (load_config)
     chat_template: bool = False  # wrap instruction + caption in the tokenizer's chat template
     max_tokens: int = 128  # caption tokens kept; longer captions are truncated and flagged
     # forward dtype; "auto": bf16 where the hardware runs it natively, else fp32 (store/hardware.py)
@@ -94,6 +102,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     objective: Literal["flow", "eps"] = "flow"
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # flow: how training draws t
+    schedule: Literal["linear", "cosine"] = "linear"  # eps: the noise schedule (DiT's linear, or cosine)
     steps: int = 3000
     batch_size: int = 32
     lr: float = 3e-4
@@ -166,6 +176,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.split("."), yaml.safe_load(value))
     raw.setdefault("name", path.stem)
+    for encoder in raw.get("encoders") or []:
+        if isinstance(encoder, dict) and encoder.get("kind") == "bidirectional":
+            # The paper's instruction is the default for causal LLMs only: a bidirectional
+            # encoder (the T5 role) takes none, so it gets none unless one is asked for.
+            encoder.setdefault("instruction", None)
     config = build(Config, raw, "")
     validate(config)
     return config
@@ -312,8 +327,7 @@ def validate(config: Config) -> None:
         raise ConfigError("codec.path: required for codec.kind 'vae'")
     if config.data.source != "shapes" and not config.data.path:
         raise ConfigError(f"data.path: required for data.source {config.data.source!r}")
-    flow_solvers, eps_solvers = ("euler", "heun"), ("ddim", "dpmpp")
-    allowed = flow_solvers if config.train.objective == "flow" else eps_solvers
+    allowed = SOLVERS_FOR_OBJECTIVE[config.train.objective]
     if config.sample.solver not in allowed:
         raise ConfigError(
             f"sample.solver: {config.sample.solver!r} does not fit train.objective "
@@ -321,3 +335,37 @@ def validate(config: Config) -> None:
         )
     if not 0.0 <= config.train.caption_dropout < 1.0:
         raise ConfigError("train.caption_dropout: must be in [0, 1)")
+    for key, low in RANGES:
+        number = _dotted(config, key)
+        if number is not None and number < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {number}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
+    if config.train.max_minutes is not None and config.train.max_minutes <= 0:
+        raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
+
+
+# (key, lowest allowed value): the plain numeric ranges
+RANGES = [
+    ("train.steps", 0), ("train.batch_size", 1), ("train.warmup_steps", 0), ("train.grad_clip", 0.0),
+    ("train.weight_decay", 0.0), ("train.devices", 1), ("train.num_workers", 0), ("train.checkpoint_every", 1),
+    ("train.log_every", 1), ("sample.steps", 1), ("sample.batch_size", 1), ("sample.cfg_scale", 0.0),
+    ("embed.actors", 1), ("embed.threads_per_actor", 1), ("embed.gpus_per_actor", 0.0), ("embed.batch_size", 1),
+    ("embed.shard_rows", 1), ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
+    ("model.dim", 1), ("model.depth", 1), ("model.heads", 1), ("model.patch", 1), ("model.mlp_ratio", 0.0)]
+
+
+def _dotted(config: Config, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A Config rebuilt from `Config.to_dict()` output (a checkpoint, a Ray worker), validated."""
+    config = build(Config, raw, "")
+    validate(config)
+    return config

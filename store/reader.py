@@ -5,7 +5,7 @@
 `[B, L, D]` with a bool mask (True = a real token), and the latents of one bucket
 stacked into `[B, C, h, w]`.
 
-Lance is not fork-safe (FACTS.md): the dataset is opened lazily, in the process that
+Lance is not fork-safe (docs/FACTS.md): the dataset is opened lazily, in the process that
 first reads it, and reopened if the reader finds itself in a forked child.
 """
 

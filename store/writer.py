@@ -28,7 +28,7 @@ META_FILE = "meta.json"
 CONSTANTS_FILE = "text_constants.safetensors"
 SAMPLES = "samples.lance"
 REJECTS = "rejects.lance"
-# Lance storage format 2.0 scanned faster than the default here (FACTS.md).
+# Lance storage format 2.0 scanned faster than the default here (docs/FACTS.md).
 WRITE_OPTIONS = {"data_storage_version": "2.0"}
 
 

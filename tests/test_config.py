@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from store.config import ConfigError, load_config
+from store.config import PAPER_INSTRUCTION, ConfigError, config_from_dict, load_config
 from train.model import build_kwargs, count_parameters
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -52,10 +52,37 @@ def test_override_sets_a_nested_value():
     ("model.encoders=[gpt]", r"model.encoders: \['gpt'\] not among encoders"),
     ("train.steps=many", r"train.steps: expected an integer"),
     ("encoders.0.layer=0", r"encoders\[0\].layer: 0 is the embedding layer"),
+    ("train.batch_size=0", r"train.batch_size: must be >= 1, got 0"),
+    ("train.steps=-1", r"train.steps: must be >= 0, got -1"),  # 0: export the initial weights
+    ("train.lr=0", r"train.lr: must be > 0"),
+    ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0, 1\)"),
+    ("sample.steps=0", r"sample.steps: must be >= 1, got 0"),
+    ("train.precision=auto", None),
+    ("encoders.0.compute_dtype=bfloat16", None),
+    ("encoders.0.compute_dtype=half", r"encoders\[0\].compute_dtype: 'half' is not one of"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(override, message):
-    with pytest.raises(ConfigError, match=message):
+    if message is None:  # a good value, beside the bad ones
         load_config(CONFIGS / "default.yaml", [override])
+        return
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(CONFIGS / "default.yaml", [override])
+    assert "\n" not in str(caught.value)  # one line
+
+
+def test_a_bidirectional_encoder_gets_no_instruction_by_default(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("encoders:\n  - {name: bert, path: x, kind: bidirectional}\n  - {name: llm, path: y}\n")
+    config = load_config(recipe)
+    assert config.encoders[0].instruction is None
+    assert config.encoders[1].instruction == PAPER_INSTRUCTION
+
+
+def test_a_config_rebuilt_from_a_checkpoint_is_validated():
+    raw = load_config(CONFIGS / "default.yaml").to_dict()
+    raw["train"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        config_from_dict(raw)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

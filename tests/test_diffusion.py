@@ -164,3 +164,17 @@ def test_eps_solvers_call_the_network_once_per_step_from_pure_noise_to_step_0(sc
     sample("eps", "dpmpp", recording, objective, torch.zeros(SHAPE), 20)
     assert len(seen) == 20 and seen[0] == 999 and seen[-1] == 0
     assert all(a > b for a, b in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("override, attribute, value", [
+    (["train.objective=eps", "train.schedule=cosine", "sample.solver=ddim"], "schedule", "cosine"),
+    (["train.time_sampling=uniform"], "time_sampling", "uniform"),
+])
+def test_objective_options_are_reachable_from_the_config(override, attribute, value):
+    from pathlib import Path
+
+    from store.config import load_config
+    from train.diffusion import objective_from_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", override)
+    assert getattr(objective_from_config(config.train), attribute) == value

@@ -101,7 +101,37 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         PromptEncoder(causal(tmp_path / "nope"))
 
 
-def test_empty_caption_is_the_unconditional_text(llama_dir):
+def test_empty_caption_is_the_unconditional_text(llama_dir, bert_dir):
+    """Causal: no caption tokens at all, so the unconditional text is the instruction alone.
+    Bidirectional: the special tokens only, encoded like any caption."""
     enc = PromptEncoder(causal(llama_dir))
     null = enc.null_caption()
-    assert null.states.shape == (0, enc.hidden_size)
+    assert null.states.shape == (0, enc.hidden_size) and len(null.ids) == 0 and not null.truncated
+    assert enc.encode(["", "a red circle"])[0].states.shape[0] == 0  # also inside a batch
+    bert = PromptEncoder(EncoderConfig(name="bert", path=str(bert_dir), kind="bidirectional", layer=-1,
+                                       instruction=None, compute_dtype="float32", store_dtype="float32"))
+    special = bert.null_caption()
+    assert special.ids.tolist() == [bert.tokenizer.cls_token_id, bert.tokenizer.sep_token_id]
+    plain = AutoModel.from_pretrained(bert_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = plain(torch.tensor([special.ids.tolist()]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(special.states, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_and_caption_ids_equal_a_joint_tokenisation_with_the_real_smollm2_tokenizer():
+    """The reference is the tokenizer run on the whole instructed text, not the encoder's ids."""
+    from store.config import PAPER_INSTRUCTION
+
+    encoder = PromptEncoder(EncoderConfig(name="smollm2", path="embedded:smollm2", compute_dtype="float32"))
+    captions = CAPTIONS + ["3 circles: 1 red, 2 blue", "  leading spaces", "ends with a colon:", "it's a 'shape'",
+                           "tabs\tand\u00a0no-break spaces", "\u65e5\u672c\u8a9e\u306e\u6587"]
+    for caption in captions:
+        joint = encoder.tokenizer(f"{PAPER_INSTRUCTION} {caption}")["input_ids"]
+        ids, truncated = encoder.tokenize(caption)
+        assert not truncated
+        assert encoder.prefix_ids + ids == joint, caption
+
+
+def test_weights_other_than_the_caches_are_refused_before_loading(llama_dir):
+    with pytest.raises(EncoderError, match="the features were made with hash 0000000000000000"):
+        PromptEncoder(causal(llama_dir), expect_hash="0" * 16)

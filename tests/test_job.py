@@ -134,6 +134,23 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_rows_arrive(tmp_path, lla
     assert again.written == 0 and again.rejected == 0 and again.skipped == 13
 
 
+@pytest.mark.parametrize("max_chars", [None, 500])
+def test_an_overlong_caption_keeps_its_row_truncated_and_flagged(tmp_path, llama_dir, local_ray, max_chars):
+    data = tmp_path / "data"
+    data.mkdir()
+    _save(data / "long.png")
+    long_caption = " ".join(["a red square beside a blue circle"] * 340)  # 11,219 characters
+    (data / "long.txt").write_text(long_caption)
+    config = make_config(raw_config(tmp_path, llama_dir, source="folder", path=data,
+                                    data={"max_caption_chars": max_chars}))
+    summary = run_embed(config, progress=False, log=lambda *_: None)
+    assert summary.written == 1 and summary.rejected == 0
+    row = lance.dataset(str(config.cache_path / "samples.lance")).to_table().to_pylist()[0]
+    assert row["llm__truncated"] and row["llm__ntok"] == 32  # the encoder's max_tokens
+    assert row["caption"] == (long_caption if max_chars is None else long_caption[:max_chars])
+    assert row["latent"] is not None
+
+
 def test_layer_out_of_range_stops_before_any_work(tmp_path, llama_dir):
     captions = write_captions(tmp_path / "captions.txt", 5)
     raw = raw_config(tmp_path, llama_dir, path=captions)
@@ -241,9 +258,13 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, llama_dir):
 def test_killed_encoder_worker_still_gives_exactly_one_row_per_id(tmp_path, llama_dir):
     n = 3000
     proc, command, env, samples = start_embed_until_first_commit(tmp_path, llama_dir, n)
-    workers = subprocess.run(["pgrep", "-f", "TextEncodeStage"], capture_output=True, text=True).stdout.split()
-    assert workers, "an encoder actor is running"
-    os.kill(int(workers[0]), signal.SIGKILL)
+    import psutil
+
+    # The actor of this run: a descendant of its driver (the driver's own local Ray started it).
+    workers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+               if "TextEncodeStage" in " ".join(p.cmdline())]
+    assert workers, "an encoder actor of this run is running"
+    os.kill(workers[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=400)
     if proc.returncode != 0:  # Ray may give up on the pipeline: a rerun must finish the job
         rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

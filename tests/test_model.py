@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from train.layers import Attention
-from train.lidit import LIDIT_SIZES, LIDiT
-from train.model import TextToImageModel, count_parameters
+from train.lidit import LIDiT
+from train.model import TextToImageModel
 from train.refiner import (
     CollaborativeRefiner,
     LanguageTokenRefiner,
@@ -152,9 +152,9 @@ def test_lidit_rejects_a_latent_the_patch_does_not_divide():
 
 
 def test_lidit_predicts_zero_at_init():
-    dit = LIDiT(4, 2, DIM, depth=2, heads=HEADS, learn_sigma=True)
+    dit = LIDiT(4, 2, DIM, depth=2, heads=HEADS)
     out = dit(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 3, DIM), _mask([3, 1], 3))
-    assert torch.equal(out, torch.zeros(2, 8, 8, 8))
+    assert torch.equal(out, torch.zeros(2, 4, 8, 8))
 
 
 def test_instruction_tokens_are_dropped_and_branches_concatenated():
@@ -187,21 +187,6 @@ def test_collaborative_refiner_with_one_branch_is_the_identity():
     assert collab([x], [_mask([4, 1], 4)], torch.randn(2, DIM))[0] is x
 
 
-def test_parameter_counts_of_paper_sizes():
-    two_llms = dict(encoders=[(4096, 32), (4096, 32)], in_channels=16)
-    counts = {}
-    for name, size in LIDIT_SIZES.items():
-        with torch.device("meta"):
-            model = TextToImageModel(**two_llms, **size)
-        assert all(p.is_meta for p in model.parameters())  # nothing was allocated
-        counts[name] = (sum(p.numel() for p in model.dit.parameters()), count_parameters({**two_llms, **size}))
-        print(f"{name}: LI-DiT {counts[name][0]:,} parameters, with the LLM-infused diffuser {counts[name][1]:,}")
-    assert 0.6e9 < counts["lidit-1b"][0] < 1.3e9
-    assert 0.6e9 < counts["lidit-1b"][1] < 1.3e9
-    assert 7e9 < counts["lidit-10b"][0] < 13e9
-    assert 7e9 < counts["lidit-10b"][1] < 13e9
-
-
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
 def test_xformers_backend_without_xformers_is_a_clear_error():
     with pytest.raises(ImportError, match="needs the xformers package"):
@@ -222,3 +207,9 @@ def test_a_few_hundred_steps_overfit_a_tiny_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_the_attention_backend_reaches_the_refiners():
+    with pytest.raises(ImportError, match="needs the xformers package"):
+        LLMInfusedDiffuser(TINY_MODEL["encoders"], DIM, HEADS, backend="xformers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,12 @@ def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_
 def test_exported_weights_rebuild_the_model_without_the_cache(tiny_cache, tmp_path):
     config = config_for(tiny_cache, tmp_path, train={"steps": 2})
     run_train(config, progress=False)
-    exported = load_exported(config.run_path / "checkpoints")
+    cache, hidden = Path(config.cache_path), tmp_path / "cache-moved-away"
+    cache.rename(hidden)  # the session's shared cache, put back below
+    try:
+        exported = load_exported(config.run_path / "checkpoints")
+    finally:
+        hidden.rename(cache)
     assert exported.step == 2
     assert [e["name"] for e in exported.encoders] == ["llm", "bert"]
     raw = load_exported(config.run_path / "checkpoints", ema=False).model
@@ -135,3 +141,53 @@ def test_ray_train_runs_the_lightning_trainer_on_two_workers(tiny_cache, tmp_pat
     assert result.error is None
     exported = load_exported(config.run_path / "checkpoints")
     assert exported.step == 4
+
+
+def test_caption_dropout_substitutes_the_stored_unconditional_text(tiny_cache, tmp_path):
+    from store.reader import CacheReader
+    from train.data import CachedBatches, caption_dropout_mask
+
+    config = config_for(tiny_cache, tmp_path, train={"caption_dropout": 0.5})
+    reader = CacheReader(config.cache_path)
+    rows = list(range(8))
+    drop = caption_dropout_mask(rows, 0.5, config.seed)
+    assert drop.any() and not drop.all()  # this draw has both kinds of row
+    batch = CachedBatches(reader, 0.5, config.seed)[rows]
+    plain = reader.take(rows)
+    for name in ("llm", "bert"):
+        text, original, null = batch["text"][name], plain["text"][name], reader.null[name]
+        p = text.prefix_len
+        for i in range(len(rows)):
+            n = int(text.mask[i].sum()) - p
+            if drop[i]:
+                assert torch.equal(text.states[i, p:p + n], null)
+            else:
+                assert torch.equal(text.states[i], original.states[i])
+
+
+def test_ema_moves_toward_the_live_weights_with_warm_up(tiny_cache, tmp_path):
+    from store.reader import CacheReader
+    from train.module import LIDiTModule
+
+    config = config_for(tiny_cache, tmp_path)
+    module = LIDiTModule(config.to_dict(), CacheReader(config.cache_path).meta)
+    before = [p.detach().clone() for p in module.ema.parameters()]
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)  # global_step 0: decay min(0.999, 1 / 10) = 0.1
+    for ema, old, live in zip(module.ema.parameters(), before, module.model.parameters()):
+        torch.testing.assert_close(ema, 0.1 * old + 0.9 * live)
+
+
+def test_max_minutes_stops_a_long_run_early_and_still_exports(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, train={"steps": 100_000, "max_minutes": 0.05})
+    summary = run_train(config, progress=False, log=lambda *_: None)
+    assert 0 < summary["steps"] < 100_000
+    assert load_exported(config.run_path / "checkpoints").step == summary["steps"]
+
+
+@pytest.mark.slow
+def test_data_loader_workers_start_with_spawn_and_train(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, train={"steps": 3, "num_workers": 1})
+    assert run_train(config, progress=False, log=lambda *_: None)["steps"] == 3

@@ -6,11 +6,11 @@ round-robin to the ranks. It starts at the trainer's restored global step, so a 
 run sees exactly the batches an uninterrupted run would have seen.
 
 Caption dropout (for classifier-free guidance) swaps a row's caption states for the
-stored unconditional ones; which rows drop is also a function of (seed, step).
+stored unconditional ones; which rows drop is a function of (seed, the batch's rows).
 
 Workers open the Lance dataset themselves (CacheReader reopens after a process change)
 and read only the rows of their batches; they start with `spawn`, since Lance is not
-fork-safe (FACTS.md).
+fork-safe (docs/FACTS.md).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 def caption_dropout_mask(rows: list[int], probability: float, seed: int) -> np.ndarray:
     """Which rows of a batch train on the unconditional text: a function of (seed, rows)."""
+    # 7919 (a prime) tags this stream apart from the sampler's [seed, epoch] stream; the batch's
+    # first rows identify it, so a resumed run drops the same captions as an uninterrupted one.
     rng = np.random.default_rng([seed, 7919, *rows[:4], len(rows)])
     return rng.random(len(rows)) < probability
 

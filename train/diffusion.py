@@ -139,6 +139,13 @@ class FlowObjective(Objective):
 OBJECTIVES = {"eps": EpsilonObjective, "flow": FlowObjective}
 
 
+def objective_from_config(train) -> Objective:
+    """The objective a TrainConfig names, with the option that applies to it."""
+    if train.objective == "flow":
+        return make_objective("flow", time_sampling=train.time_sampling)
+    return make_objective(train.objective, schedule=train.schedule)
+
+
 def make_objective(name: str, **options) -> Objective:
     """Build an objective by config name; options go to its dataclass (e.g. schedule=)."""
     if name not in OBJECTIVES:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from store.config import Config, build
+from store.config import Config, config_from_dict
 from store.reader import CacheReader
-from train.diffusion import Objective, make_objective
+from train.diffusion import Objective, objective_from_config
 from train.model import TextToImageModel
 
 
@@ -71,11 +71,11 @@ def load_exported(checkpoint_dir: str | Path, ema: bool = True) -> Exported:
     model.eval().requires_grad_(False)
     constants = load_file(str(folder / "text_constants.safetensors"))
     by_name = {e["name"]: e for e in info["cache_meta"]["encoders"]}
-    config = build(Config, info["config"], "")
+    config = config_from_dict(info["config"])
     return Exported(
         model=model, config=config, cache_meta=info["cache_meta"],
         encoders=[by_name[n] for n in info["encoders"]],
-        objective=make_objective(config.train.objective),
+        objective=objective_from_config(config.train),
         prefix={n: constants[f"{n}.prefix_states"] for n in info["encoders"]},
         null={n: constants[f"{n}.null_states"] for n in info["encoders"]},
         step=info["step"],

@@ -179,16 +179,12 @@ class AdaLNZero(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Float timesteps [B] -> [B, D]: sinusoidal features of (scale * t), then a 2-layer MLP.
+    """Float timesteps [B] in [0, 1000) (both objectives' scale) -> [B, D]: sinusoidal
+    features, then a 2-layer MLP."""
 
-    The training objectives feed t in [0, 1000) (scale=1); a caller with t in [0, 1] passes
-    scale=1000 so the sinusoid frequencies cover the same range.
-    """
-
-    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1.0, max_period: float = 10000.0):
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0):
         super().__init__()
         self.freq_dim = freq_dim
-        self.scale = scale
         self.max_period = max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -196,7 +192,7 @@ class TimestepEmbedder(nn.Module):
         """t [B] float -> [B, freq_dim] cos/sin features (GLIDE/DiT convention), fp32."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # [half]
-        args = self.scale * t.float()[:, None] * freqs[None]  # [B, half]
+        args = t.float()[:, None] * freqs[None]  # [B, half]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2 * half]
         if self.freq_dim % 2:
             features = F.pad(features, (0, 1))

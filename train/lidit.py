@@ -15,13 +15,6 @@ import torch.nn as nn
 
 from train.layers import AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate
 
-# Model sizes, like DiT's factories. 10B's 44 heads keep DiT's head width of 64.
-LIDIT_SIZES = {
-    "lidit-1b": dict(depth=28, dim=1152, heads=16, patch=2),
-    "lidit-10b": dict(depth=48, dim=2816, heads=44, patch=2),
-}
-
-
 #################################################################################
 #                       Patchify and position embedding                          #
 #################################################################################
@@ -128,10 +121,10 @@ class LIDiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, learn_sigma: bool = False, backend: str = "sdpa"):
+                 text_dim: int | None = None, backend: str = "sdpa"):
         super().__init__()
         self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.out_channels = in_channels
         self.patch = patch
         self.x_embedder = PatchEmbed(in_channels, dim, patch)
         self.pos_embed = ConvPositionEmbedding(dim)

@@ -12,8 +12,8 @@ import copy
 import lightning as L
 import torch
 
-from store.config import Config, build
-from train.diffusion import make_objective
+from store.config import Config, config_from_dict
+from train.diffusion import objective_from_config
 from train.model import TextToImageModel, build_kwargs
 
 
@@ -23,14 +23,14 @@ class LIDiTModule(L.LightningModule):
         the checkpoint, so a checkpoint alone rebuilds the model)."""
         super().__init__()
         self.save_hyperparameters()
-        self.config: Config = build(Config, config, "")
+        self.config: Config = config_from_dict(config)
         by_name = {e["name"]: e for e in cache_meta["encoders"]}
         names = self.config.model.encoders or [e["name"] for e in cache_meta["encoders"]]
         self.encoder_names = list(names)
         self.kwargs = build_kwargs(self.config.model, [by_name[n] for n in names], cache_meta["codec"])
         self.model = TextToImageModel(**self.kwargs)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.objective = make_objective(self.config.train.objective)
+        self.objective = objective_from_config(self.config.train)
 
     def forward(self, x, t, features, masks):
         return self.model(x, t, features, masks)
@@ -41,6 +41,8 @@ class LIDiTModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"]  # [B, C, h, w]
+        # One stream per (seed, step): seeds are spaced by a prime above any step count, so two
+        # runs with different seeds never share a step's noise.
         generator = torch.Generator(device=x0.device).manual_seed(self.config.seed * 1_000_003 + self.global_step)
         x_t, t, target = self.objective.sample_training(x0, generator)
         features, masks = self._inputs(batch)

@@ -19,10 +19,10 @@ import sys
 def train_loop_per_worker(loop_config: dict) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    from store.config import Config, build
+    from store.config import config_from_dict
     from train.run import run_train
 
-    config = build(Config, loop_config["config"], "")
+    config = config_from_dict(loop_config["config"])
     run_train(config, progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
               accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
 

@@ -31,11 +31,11 @@ class LanguageTokenRefinerBlock(nn.Module):
     the block is the identity at init. gate=False: plain, ungated residual branches.
     """
 
-    def __init__(self, dim: int, heads: int, gate: bool = True, causal: bool = False):
+    def __init__(self, dim: int, heads: int, gate: bool = True, causal: bool = False, backend: str = "sdpa"):
         super().__init__()
         self.causal = causal
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, backend=backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim)
         self.gates = AdaLNZero(dim, 2) if gate else None
@@ -60,10 +60,11 @@ class LanguageTokenRefiner(nn.Module):
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int = 2, heads: int = 8, gate: bool = True,
-                 causal: bool = False):
+                 causal: bool = False, backend: str = "sdpa"):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList([LanguageTokenRefinerBlock(dim, heads, gate, causal) for _ in range(depth)])
+        self.blocks = nn.ModuleList([LanguageTokenRefinerBlock(dim, heads, gate, causal, backend)
+                                     for _ in range(depth)])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """x [B, L, in_dim], mask [B, L], t_emb [B, D] -> [B, L, D]."""
@@ -85,11 +86,11 @@ class CollaborativeRefinerBlock(nn.Module):
     zero-initialised, so the block is the identity at init.
     """
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, backend: str = "sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads, backend=backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim)
         self.adaLN = AdaLNZero(dim, 6)
@@ -111,12 +112,12 @@ class CollaborativeRefiner(nn.Module):
     single branch there is nothing to attend to, so no blocks are built and it is the identity.
     """
 
-    def __init__(self, n_branches: int, dim: int, depth: int = 1, heads: int = 8):
+    def __init__(self, n_branches: int, dim: int, depth: int = 1, heads: int = 8, backend: str = "sdpa"):
         super().__init__()
         self.n_branches = n_branches
         layers = depth if n_branches > 1 else 0
         self.layers = nn.ModuleList([
-            nn.ModuleList([CollaborativeRefinerBlock(dim, heads) for _ in range(n_branches)]) for _ in range(layers)
+            nn.ModuleList([CollaborativeRefinerBlock(dim, heads, backend) for _ in range(n_branches)]) for _ in range(layers)
         ])
 
     def forward(self, xs: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor) -> list[torch.Tensor]:
@@ -148,7 +149,8 @@ class LLMInfusedDiffuser(nn.Module):
     """
 
     def __init__(self, encoders: list[tuple[int, int]], dim: int, heads: int, refiner_depth: int = 2,
-                 collab_depth: int = 1, fusion: str = "collaborative", gate: bool = True, causal: bool = False):
+                 collab_depth: int = 1, fusion: str = "collaborative", gate: bool = True, causal: bool = False,
+                 backend: str = "sdpa"):
         super().__init__()
         if not encoders:
             raise ValueError("LLM-infused diffuser: needs at least one encoder")
@@ -159,9 +161,9 @@ class LLMInfusedDiffuser(nn.Module):
                              f"collab_depth={collab_depth} must be >= 0")
         self.prefix_lens = [prefix_len for _, prefix_len in encoders]
         self.refiners = nn.ModuleList([
-            LanguageTokenRefiner(in_dim, dim, refiner_depth, heads, gate, causal) for in_dim, _ in encoders
+            LanguageTokenRefiner(in_dim, dim, refiner_depth, heads, gate, causal, backend) for in_dim, _ in encoders
         ])
-        self.collaborative = CollaborativeRefiner(len(encoders), dim, collab_depth, heads) \
+        self.collaborative = CollaborativeRefiner(len(encoders), dim, collab_depth, heads, backend) \
             if fusion == "collaborative" else None
 
     def forward(self, features: list[torch.Tensor], masks: list[torch.Tensor],
