@@ -206,12 +206,6 @@ def start_ray(config: Config) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def with_config(stage: type, config: Config) -> type:
-    """`stage` with `config` bound in: Ray Data then starts its actors with no constructor
-    arguments, which it would otherwise keep in the object store and warn about each run."""
-    return type(stage.__name__, (stage,), {"__init__": lambda self: stage.__init__(self, config)})
-
-
 def run_embed(config: Config, limit: int | None = None, progress: bool = True, log=print) -> EmbedSummary:
     started = time.time()
     validate_before_work(config)
@@ -260,10 +254,10 @@ def _run_pipeline(config: Config, todo: list[dict], writer: CacheWriter, summary
     ds = ds.map_batches(read_stage, fn_kwargs={"config": config}, batch_format="pyarrow",
                         batch_size=block, num_cpus=0.5)
     if config.codec.kind == "vae":
-        ds = ds.map_batches(with_config(VAEStage, config), batch_format="pyarrow",
+        ds = ds.map_batches(VAEStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
                             batch_size=block, compute=ActorPoolStrategy(size=emb.actors),
                             num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
-    ds = ds.map_batches(with_config(TextEncodeStage, config), batch_format="pyarrow",
+    ds = ds.map_batches(TextEncodeStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
                         batch_size=block, compute=ActorPoolStrategy(size=emb.actors),
                         num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
     bar = tqdm(total=len(todo), desc="embed", unit="caption", disable=not progress, mininterval=2.0)

@@ -1,4 +1,4 @@
-"""What the machine runs fast: the `auto` precision and the thread defaults.
+"""What the machine runs fast: the `auto` precision (thread defaults: store/cli.py).
 
 Precision is chosen by *capability*, not by a timed probe: a probe is noisy on a busy
 2-core machine (the very case it must get right) and costs a second at every start,
