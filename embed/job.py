@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from embed.codecs import PixelCodec, make_codec
-from embed.encoder import PromptEncoder, blocks_to_run, model_num_blocks, resolve_model_path
+from embed.encoder import EncodedCaption, blocks_to_run, build_encoder, model_num_blocks, resolve_model_path
 from embed.shapes import world_spec
 from embed.sources import list_items, load_item
 from store.config import Config, ConfigError, EncoderConfig
@@ -40,6 +41,7 @@ class EmbedSummary:
     written: int = 0
     rejected: int = 0
     skipped: int = 0  # already committed by an earlier run
+    encoded: int = 0  # distinct captions run through the encoders (the rest were looked up)
     tokens: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -49,7 +51,8 @@ class EmbedSummary:
         lines = [
             f"embed: wrote {self.written} rows, rejected {self.rejected}, skipped {self.skipped} "
             f"already committed, in {self.seconds:.1f} s",
-            f"  caption tokens {self.tokens}, {self.bytes / 2**20:.1f} MiB written to {self.cache}",
+            f"  captions encoded {self.encoded} for {self.written + self.rejected} rows (equal captions once), "
+            f"caption tokens {self.tokens}, {self.bytes / 2**20:.1f} MiB written to {self.cache}",
         ]
         lines += [f"  rejected ({n}): {reason}" for reason, n in sorted(self.reasons.items(), key=lambda x: -x[1])[:10]]
         return "\n".join(lines)
@@ -59,7 +62,8 @@ def pipeline_schema(encoders: list[EncoderConfig]) -> pa.Schema:
     fields = [("id", pa.string()), ("split", pa.string()), ("caption", pa.string()), ("truth", pa.string()),
               ("source", pa.string()), ("reject", pa.string()), ("stage", pa.string()),
               ("pixels", pa.binary()), ("pixels_shape", pa.list_(pa.int32())),
-              ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32())), ("bucket", pa.int16())]
+              ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32())), ("bucket", pa.int16()),
+              ("caption_encoded", pa.bool_())]
     for e in encoders:
         fields += [(f"{e.name}__ids", pa.list_(pa.int32())), (f"{e.name}__states", pa.binary()),
                    (f"{e.name}__ntok", pa.int32()), (f"{e.name}__truncated", pa.bool_())]
@@ -108,23 +112,65 @@ class VAEStage:
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
+class CaptionMemo:
+    """The encoded captions an actor saw last, up to a byte budget (least recently used out).
+
+    The actor's encoders are fixed, so equal captions mean equal features: a caption met
+    again (the same caption on many images) is looked up, not encoded again."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.entries: OrderedDict[str, EncodedCaption] = OrderedDict()
+
+    def get(self, caption: str) -> EncodedCaption | None:
+        found = self.entries.get(caption)
+        if found is not None:
+            self.entries.move_to_end(caption)
+        return found
+
+    def put(self, caption: str, encoded: EncodedCaption) -> None:
+        size = encoded.states.numel() * encoded.states.element_size() + len(caption)
+        if size > self.budget or caption in self.entries:
+            return
+        self.entries[caption], self.used = encoded, self.used + size
+        while self.used > self.budget:
+            old_caption, old = self.entries.popitem(last=False)
+            self.used -= old.states.numel() * old.states.element_size() + len(old_caption)
+
+
 class TextEncodeStage:
-    """Actor: captions -> every encoder's caption-dependent token states."""
+    """Actor: captions -> every encoder's caption-dependent token states.
+
+    Each distinct caption is encoded once: within a call, and across calls through a
+    memo of `embed.caption_memo_mib`. The rows still each store their own copy of the
+    states (store/writer.py says why). `caption_encoded` marks the rows whose caption
+    was run, so the driver can count forwards against rows."""
 
     def __init__(self, config: Config):
         torch.set_num_threads(config.embed.threads_per_actor)
         self.config = config
-        self.encoders = [PromptEncoder(e, device=config.embed.device) for e in config.encoders]
+        self.encoders = [build_encoder(e, device=config.embed.device) for e in config.encoders]
+        budget = int(config.embed.caption_memo_mib * 2**20)
+        self.memos = {e.config.name: CaptionMemo(budget) for e in self.encoders}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["reject"] is None]
-        captions = [r["caption"] for r in todo]
-        for enc in self.encoders:
-            name = enc.config.name
-            if not captions:
-                break
-            for r, out in zip(todo, enc.encode(captions, batch_size=self.config.embed.batch_size)):
+        distinct = list(dict.fromkeys(r["caption"] for r in todo))
+        for i, enc in enumerate(self.encoders):
+            name, memo = enc.config.name, self.memos[enc.config.name]
+            known = {c: memo.get(c) for c in distinct}
+            run = [c for c, found in known.items() if found is None]
+            for caption, out in zip(run, enc.encode(run, batch_size=self.config.embed.batch_size)):
+                known[caption] = out
+                memo.put(caption, out)
+            if i == 0:  # count each run caption once, on its first row
+                fresh = set(run)
+                for r in todo:
+                    r["caption_encoded"] = r["caption"] in fresh
+                    fresh.discard(r["caption"])
+            for r in todo:
+                out = known[r["caption"]]
                 if len(out.ids) == 0 and enc.causal and r["reject"] is None:
                     r["reject"], r["stage"] = f"caption has no tokens for encoder {name}", "encode"
                 r[f"{name}__ids"] = out.ids.tolist()
@@ -162,7 +208,7 @@ def _describe(config: Config, adopt: dict[str, str]) -> tuple[list[dict], dict, 
         requested = enc_config.compute_dtype
         if requested == "auto" and enc_config.name in adopt:
             enc_config = dataclasses.replace(enc_config, compute_dtype=adopt[enc_config.name])
-        enc = PromptEncoder(enc_config, device=config.embed.device)
+        enc = build_encoder(enc_config, device=config.embed.device)
         identities.append({**enc.identity(), "compute_dtype_requested": requested})
         null = enc.null_caption()
         constants[f"{enc_config.name}.prefix_states"] = enc.prefix_states
@@ -171,6 +217,17 @@ def _describe(config: Config, adopt: dict[str, str]) -> tuple[list[dict], dict, 
         constants[f"{enc_config.name}.null_ids"] = torch.from_numpy(null.ids)
     codec = make_codec(config.codec, config.embed.device)
     return identities, constants, codec.identity()
+
+
+def group_equal_captions(items: list[dict]) -> list[dict]:
+    """Items with equal captions made neighbours (in order of first appearance), so they
+    reach the same encoder call and the caption is encoded once. Only sources that list
+    captions (manifests, caption files) can be grouped before their items are read."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        caption = item.get("caption")
+        groups.setdefault(("caption", caption) if isinstance(caption, str) else ("item", i), []).append(item)
+    return [item for group in groups.values() for item in group]
 
 
 def with_resolved_dtypes(config: Config, identities: list[dict]) -> Config:
@@ -216,7 +273,7 @@ def run_embed(config: Config, limit: int | None = None, progress: bool = True, l
     existing = read_meta(config.cache_path)
     adopt = {r["name"]: r["compute_dtype"] for r in (existing or {}).get("encoders", [])
              if r.get("compute_dtype_requested") == "auto"}
-    describe = _describe.options(num_gpus=config.embed.gpus_per_actor)
+    describe = _describe.options(num_gpus=config.embed.gpus_per_actor, resources=config.embed.resources)
     identities, constants, codec_identity = ray.get(describe.remote(config, adopt))
     for record in identities:
         note = ", kept from the existing cache" if record["name"] in adopt else ""
@@ -232,7 +289,7 @@ def run_embed(config: Config, limit: int | None = None, progress: bool = True, l
     if not writer.has_constants():
         writer.write_constants(constants)
     done = writer.committed_ids()
-    todo = [item for item in items if item["id"] not in done]
+    todo = group_equal_captions([item for item in items if item["id"] not in done])
     summary = EmbedSummary(cache=str(config.cache_path), skipped=len(items) - len(todo))
     if todo:
         _run_pipeline(config, todo, writer, summary, progress)
@@ -259,7 +316,7 @@ def _run_pipeline(config: Config, todo: list[dict], writer: CacheWriter, summary
                             num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
     ds = ds.map_batches(TextEncodeStage, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
                         batch_size=block, compute=ActorPoolStrategy(size=emb.actors),
-                        num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor)
+                        num_cpus=emb.threads_per_actor, num_gpus=emb.gpus_per_actor, resources=emb.resources)
     bar = tqdm(total=len(todo), desc="embed", unit="caption", disable=not progress, mininterval=2.0)
     for batch in ds.iter_batches(batch_size=emb.shard_rows, batch_format="pyarrow"):
         rejected = pc.is_valid(batch.column("reject"))
@@ -270,6 +327,7 @@ def _run_pipeline(config: Config, todo: list[dict], writer: CacheWriter, summary
                                for r in bad.select(["id", "stage", "reject", "source"]).to_pylist()])
         summary.written += good.num_rows
         summary.rejected += bad.num_rows
+        summary.encoded += int(pc.sum(batch.column("caption_encoded")).as_py() or 0)
         for reason in bad.column("reject").to_pylist():
             key = reason.split(":")[0]
             summary.reasons[key] = summary.reasons.get(key, 0) + 1

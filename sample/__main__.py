@@ -26,6 +26,7 @@ from sample.generate import (SampleError, check_request, default_size, generate,
 from sample.layouts import LayoutError, make_layout, save_png
 from sample.text import PromptFeatureError, PromptFeatures
 from store.config import ConfigError, load_config
+from store.storage import location
 from train.export import ExportError, load_exported
 
 ERRORS = (ConfigError, ExportError, SampleError, LayoutError, PromptFeatureError, EncoderError, CodecError)
@@ -36,8 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.config_parser("python -m sample", __doc__)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
-    parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
-    parser.add_argument("--out", type=Path, help="default: <run>/samples, or <run>/bench/<name>")
+    parser.add_argument("--checkpoint", type=location, help="exported weights (default: <run>/checkpoints)")
+    parser.add_argument("--out", type=location, help="default: <run>/samples, or <run>/bench/<name>")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     parser.add_argument("--solver")

@@ -16,6 +16,7 @@ first 32 generated images) and grid_captions.txt to <run>/eval.
 from __future__ import annotations
 
 from store import cli  # first: process defaults before torch loads (store/cli.py)
+import io
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, shapeeval
 from sample.text import PromptFeatureError
 from store.config import Config, ConfigError, load_config
 from store.reader import CacheError, CacheReader
+from store.storage import location
 from train.export import ExportError, load_exported
 
 REFERENCES = ("model", "floor", "ceiling")
@@ -117,7 +119,9 @@ def plot_bias(biases: dict, path: Path) -> None:
     draw.text((left + plot_w / 2, height - 14), "mention start / caption length (words)", fill="black",
               font=font, anchor="mb")
     draw.text((8, top - 22), "binding accuracy", fill="black", font=font)
-    image.save(path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    path.write_bytes(encoded.getvalue())
 
 
 def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = None, limit: int | None = None,
@@ -141,7 +145,7 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     scores = {name: shapeeval(images[name], scenes, world) for name in REFERENCES}
     biases = {name: positional_bias(images[name], scenes, world) for name in REFERENCES}
 
-    out = Path(out or config.run_path / "eval")
+    out = location(out or config.run_path / "eval")
     out.mkdir(parents=True, exist_ok=True)
     about = {**settings, "weights": "ema" if config.sample.use_ema else "raw", "train_step": exported.step,
              "rows": len(rows)}
@@ -159,8 +163,8 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser("python -m sample.eval", __doc__)
     parser.add_argument("--limit", type=int, help="only the first N held-out rows")
-    parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
-    parser.add_argument("--out", type=Path, help="default: <run>/eval")
+    parser.add_argument("--checkpoint", type=location, help="exported weights (default: <run>/checkpoints)")
+    parser.add_argument("--out", type=location, help="default: <run>/eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     cli.quiet_libraries()

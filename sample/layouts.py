@@ -14,6 +14,7 @@ render, how many images each, and where they go:
 
 from __future__ import annotations
 
+import io
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ def save_png(path: Path, image: np.ndarray, text_metadata: dict) -> None:
     info = PngInfo()
     for key, value in text_metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, pnginfo=info)
+    path.write_bytes(encoded.getvalue())  # a local file or an object-store URI (store/storage.py)
 
 
 def make_grid(images: list[np.ndarray], rows: int, cols: int) -> np.ndarray:

@@ -7,6 +7,12 @@ stage already depends on the store and none may import a later stage.
 
 Defaults are the paper's where the paper gives one (PAPER.md). Validation happens once,
 at load time, with messages that name the key and the allowed values.
+
+Plain dataclasses, not pydantic (measured 2026-11-25): a pydantic port of the checks would
+drop about 50 of these lines (`build`, `_coerce`, `RANGES`), but its errors span several
+lines without the allowed keys (a formatter restores one line), its import adds 0.23 s to
+every process and Ray worker, and the 15 `dataclasses.replace/asdict/fields` call sites
+would each change.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+
+from store.storage import RemotePath, apply_storage, location
 
 PAPER_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -62,6 +70,9 @@ class EncoderConfig:
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     store_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     backend: Literal["transformers", "vllm"] = "transformers"
+    # apply the model's final norm to the last layer's output (layer -1 only): PixArt's T5 and
+    # Sana's Gemma features. The paper's intermediate layers never pass through it.
+    final_norm: bool = False
 
 
 @dataclass
@@ -78,8 +89,12 @@ class EmbedConfig:
     actors: int = 2  # encoder actors in the pool
     threads_per_actor: int = 1  # processes, not threads: a neighbour slows one actor, not a whole team
     gpus_per_actor: float = 0.0
+    # Ray custom resources each encoder actor needs, e.g. {llm_node: 1}: pins the LLMs to the
+    # nodes that declare them (`ray start --resources '{"llm_node": 8}'`)
+    resources: dict[str, float] = field(default_factory=dict)
     batch_size: int = 64  # captions per encoder call (sorted by length inside)
     shard_rows: int = 512  # rows per Lance commit: the unit of resumption
+    caption_memo_mib: float = 256.0  # per actor: recently encoded captions, looked up when met again
     device: str = "cpu"
 
 
@@ -139,6 +154,19 @@ class SampleConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Object-store access for URIs in run_dir / cache_dir (store/storage.py). Each value, when
+    set, is exported to the environment variable S3 clients read; unset values leave the
+    environment's. Prefer the environment (or an instance role) for the two keys: a YAML
+    file is easy to commit by mistake. Never recorded in metadata or checkpoints."""
+    endpoint: str | None = None  # AWS_ENDPOINT_URL: MinIO, Ceph, R2, a local moto server
+    region: str | None = None  # AWS_REGION
+    access_key_id: str | None = None  # AWS_ACCESS_KEY_ID
+    secret_access_key: str | None = None  # AWS_SECRET_ACCESS_KEY
+    session_token: str | None = None  # AWS_SESSION_TOKEN
+
+
+@dataclass
 class Config:
     name: str
     encoders: list[EncoderConfig]
@@ -151,21 +179,29 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+    def run_path(self) -> Path | RemotePath:
+        """A local Path, or a RemotePath for an object-store URI (store/storage.py)."""
+        return location(self.run_dir or f"runs/{self.name}")
 
     @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else self.run_path / "cache"
+    def cache_path(self) -> Path | RemotePath:
+        return location(self.cache_dir) if self.cache_dir else self.run_path / "cache"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Everything but `storage`: this is what checkpoints, model.json and Ray workers
+        get, and credentials must reach none of them (workers get the environment)."""
+        raw = dataclasses.asdict(self)
+        del raw["storage"]
+        return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load and validate a YAML recipe; `overrides` are "a.b=value" strings (YAML values)."""
+    """Load and validate a YAML recipe; `overrides` are "a.b=value" strings (YAML values).
+
+    Its `storage:` section, if any, is exported to this process's environment."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -183,6 +219,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             encoder.setdefault("instruction", None)
     config = build(Config, raw, "")
     validate(config)
+    apply_storage(config.storage)  # object-store settings reach this process's S3 clients
     return config
 
 
@@ -265,6 +302,10 @@ def _coerce(hint, value, key: str):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)
     if hint is bool:
@@ -303,10 +344,10 @@ def validate(config: Config) -> None:
                 f"encoders[{i}]: a bidirectional encoder takes no instruction or chat "
                 "template (its prefix cannot be shared; the paper's T5 role has none)"
             )
-        if enc.backend == "vllm":
+        if enc.backend == "vllm" and (enc.kind != "causal" or enc.final_norm):
             raise ConfigError(
-                f"encoders[{i}].backend: 'vllm' is not implemented yet (no installed vLLM returns "
-                "per-token states of an intermediate layer here); use 'transformers'"
+                f"encoders[{i}].backend: 'vllm' serves causal LLMs at an intermediate or last layer "
+                "without the final norm; use 'transformers' for bidirectional encoders and final_norm"
             )
         if enc.max_tokens < 1:
             raise ConfigError(f"encoders[{i}].max_tokens: must be >= 1")
@@ -353,7 +394,7 @@ RANGES = [
     ("train.weight_decay", 0.0), ("train.devices", 1), ("train.num_workers", 0), ("train.checkpoint_every", 1),
     ("train.log_every", 1), ("sample.steps", 1), ("sample.batch_size", 1), ("sample.cfg_scale", 0.0),
     ("embed.actors", 1), ("embed.threads_per_actor", 1), ("embed.gpus_per_actor", 0.0), ("embed.batch_size", 1),
-    ("embed.shard_rows", 1), ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
+    ("embed.shard_rows", 1), ("embed.caption_memo_mib", 0.0), ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
     ("model.dim", 1), ("model.depth", 1), ("model.heads", 1), ("model.patch", 1), ("model.mlp_ratio", 0.0)]
 
 

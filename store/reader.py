@@ -19,9 +19,10 @@ from pathlib import Path
 import lance
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from store.schema import states_from_column
+from store.storage import location
 from store.writer import CONSTANTS_FILE, META_FILE, SAMPLES, identity_diff
 
 
@@ -52,7 +53,7 @@ def assemble_text(prefix: torch.Tensor, captions: list[torch.Tensor]) -> TextFea
 
 class CacheReader:
     def __init__(self, root: str | Path, encoders: list[str] | None = None):
-        self.root = Path(root)
+        self.root = location(root)
         meta_path = self.root / META_FILE
         if not meta_path.is_file():
             raise CacheError(f"no cache at {self.root} (missing {META_FILE}); run `make embed` first")
@@ -65,7 +66,7 @@ class CacheReader:
         if missing:
             raise CacheError(f"cache at {self.root} has no encoder(s) {missing}; it has {list(by_name)}")
         self.encoders = [by_name[n] for n in names]
-        constants = load_file(str(self.root / CONSTANTS_FILE))
+        constants = load((self.root / CONSTANTS_FILE).read_bytes())
         self.prefix = {e["name"]: constants[f"{e['name']}.prefix_states"] for e in self.encoders}
         self.null = {e["name"]: constants[f"{e['name']}.null_states"] for e in self.encoders}
         self._dataset = None

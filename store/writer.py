@@ -6,7 +6,8 @@ Layout of a cache directory:
     samples.lance/             one row per accepted sample (store/schema.py)
     rejects.lance/             one row per rejected input, with its stage and reason
 
-Each `append` is one Lance commit. A commit is atomic, so a run killed at any moment
+The root is a local folder or an object-store URI (store/storage.py). Each `append` is
+one Lance commit. A commit is atomic, so a run killed at any moment
 leaves whole shards only; a rerun skips every id already committed (in samples or in
 rejects) and so never writes a row twice.
 """
@@ -14,15 +15,15 @@ rejects) and so never writes a row twice.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lance
 import pyarrow as pa
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from store.schema import FORMAT_VERSION, REJECTS_SCHEMA, samples_schema, to_store_table
+from store.storage import location, write_atomic
 
 META_FILE = "meta.json"
 CONSTANTS_FILE = "text_constants.safetensors"
@@ -59,13 +60,13 @@ def identity_diff(have: dict, want: dict, prefix: str = "") -> list[str]:
 
 def read_meta(root: str | Path) -> dict | None:
     """The metadata of the cache at `root`, or None where there is no cache yet."""
-    meta_path = Path(root) / META_FILE
+    meta_path = location(root) / META_FILE
     return json.loads(meta_path.read_text()) if meta_path.is_file() else None
 
 
 class CacheWriter:
     def __init__(self, root: str | Path, meta: dict):
-        self.root = Path(root)
+        self.root = location(root)
         self.meta = {"format_version": FORMAT_VERSION, **meta}
         self.encoders = self.meta["encoders"]
         meta_path = self.root / META_FILE
@@ -79,7 +80,7 @@ class CacheWriter:
                 )
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            _atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
+            write_atomic(meta_path, json.dumps(self.meta, indent=2).encode())
         self.schema = samples_schema(self.encoders)
 
     @property
@@ -94,7 +95,7 @@ class CacheWriter:
         """Ids already in the cache, accepted or rejected: a rerun skips them."""
         done: set[str] = set()
         for uri in (self.samples_uri, self.rejects_uri):
-            if Path(uri).exists():
+            if location(uri).exists():
                 done.update(lance.dataset(uri).to_table(columns=["id"]).column("id").to_pylist())
         return done
 
@@ -103,16 +104,14 @@ class CacheWriter:
 
     def write_constants(self, tensors: dict[str, torch.Tensor]) -> None:
         """Per-encoder `{name}.prefix_states` and `{name}.null_states` (and their ids)."""
-        staging = self.root / f".{CONSTANTS_FILE}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging))
-        staging.replace(self.root / CONSTANTS_FILE)
+        write_atomic(self.root / CONSTANTS_FILE, save({k: v.contiguous() for k, v in tensors.items()}))
 
     def append(self, batch: pa.Table) -> int:
         """Commit one shard of accepted pipeline rows; returns the bytes written."""
         if batch.num_rows == 0:
             return 0
         table = to_store_table(batch, self.encoders)
-        mode = "append" if Path(self.samples_uri).exists() else "create"
+        mode = "append" if location(self.samples_uri).exists() else "create"
         lance.write_dataset(table, self.samples_uri, schema=self.schema, mode=mode, **WRITE_OPTIONS)
         return table.nbytes
 
@@ -120,11 +119,6 @@ class CacheWriter:
         if not rejects:
             return
         table = pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA)
-        mode = "append" if Path(self.rejects_uri).exists() else "create"
+        mode = "append" if location(self.rejects_uri).exists() else "create"
         lance.write_dataset(table, self.rejects_uri, schema=REJECTS_SCHEMA, mode=mode, **WRITE_OPTIONS)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data)
-    staging.replace(path)

@@ -47,17 +47,43 @@ def _bpe_tokenizer(folder: Path, add_bos: bool):
     return fast
 
 
-def make_causal_model(folder: Path, arch: str = "llama", add_bos: bool = True, layers: int = 4) -> Path:
+# Tiny configs for each decoder family the encoder supports. A sliding window of 8 is
+# shorter than the instruction prefix, so the shared-prefix cache crosses the window.
+CAUSAL_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # also Qwen2.5: same architecture
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                "layer_types": ["sliding_attention", "full_attention"] * 2}),
+}
+
+
+def make_causal_model(folder: Path, arch: str = "llama", add_bos: bool = True, layers: int = 4,
+                      head_dim: int | None = None) -> Path:
+    """`head_dim`: vLLM's CPU attention takes multiples of 32 only; 32 means 2 heads of 32."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     tokenizer = _bpe_tokenizer(folder, add_bos)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        pad_token_id=tokenizer.pad_token_id)
+    config_name, model_name, extra = CAUSAL_FAMILIES[arch]
+    heads = 4
+    if head_dim is not None:
+        heads = 64 // head_dim
+        extra = {**extra, "head_dim": head_dim}
+        if "query_pre_attn_scalar" in extra:
+            extra["query_pre_attn_scalar"] = head_dim
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **{k: v[:layers] if k == "layer_types" else v for k, v in extra.items()})
     torch.manual_seed(0)
-    model_cls(config).save_pretrained(folder)
+    getattr(transformers, model_name)(config).save_pretrained(folder)
     return folder
 
 
@@ -78,6 +104,62 @@ def make_bidirectional_model(folder: Path) -> Path:
     return folder
 
 
+def make_t5_model(folder: Path) -> Path:
+    """A T5 checkpoint, encoder and decoder, as PixArt's T5-XXL ships; a SentencePiece-like
+    unigram tokenizer that appends </s> and adds no BOS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=1,
+                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def make_gemma3_multimodal_model(folder: Path) -> Path:
+    """Gemma 3 as its 4B-and-up checkpoints ship: a language model beside a vision tower."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = _bpe_tokenizer(folder, add_bos=True)
+    n = len(tokenizer)
+    text = CAUSAL_FAMILIES["gemma3"][2]
+    config = Gemma3Config(
+        text_config={"vocab_size": n + 3, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": tokenizer.pad_token_id,
+                     **text},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4, image_token_index=n, boi_token_index=n + 1, eoi_token_index=n + 2)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports free right now (another Ray on this machine holds the defaults)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -91,6 +173,25 @@ def llama_dir(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def qwen_dir(models_dir) -> Path:
     return make_causal_model(models_dir / "qwen2", "qwen2", add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def family_dir(models_dir):
+    """Builds (once per session) the tiny model of a decoder family: family_dir("gemma2")."""
+    def build(arch: str) -> Path:
+        folder = models_dir / f"family-{arch}"
+        if not (folder / "config.json").is_file():
+            if arch == "gemma3-multimodal":
+                make_gemma3_multimodal_model(folder)
+            else:
+                make_causal_model(folder, arch, add_bos=not arch.startswith("qwen"))
+        return folder
+    return build
+
+
+@pytest.fixture(scope="session")
+def t5_dir(models_dir) -> Path:
+    return make_t5_model(models_dir / "t5")
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +243,48 @@ def tiny_cache(tmp_path_factory, llama_dir, bert_dir, local_ray) -> dict:
     validate(config)
     run_embed(config, progress=False)
     return raw
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API on loopback: moto's server mode, with a bucket "lidit". The storage
+    variables are set in this process's environment (as `storage:` would set them) and
+    restored after; yields the endpoint URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("moto")
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "lidit-test-key",
+           "AWS_SECRET_ACCESS_KEY": "lidit-test-secret", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="lidit")
+    yield endpoint
+    server.kill()
+    server.wait()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

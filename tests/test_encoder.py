@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, T5EncoderModel
 
 from embed.encoder import EncoderError, PromptEncoder
 from store.config import EncoderConfig
@@ -38,6 +38,84 @@ def test_causal_features_equal_plain_forward_of_prefix_and_caption(fixture, laye
         p = len(enc.prefix_ids)
         assert torch.allclose(out.states, reference[p:], atol=1e-5), caption
         assert torch.allclose(enc.prefix_states, reference[:p], atol=1e-5)
+
+
+def block_outputs(model, ids: list[int]) -> list[torch.Tensor]:
+    """The raw output of every transformer block in a plain forward, caught with hooks."""
+    inner = getattr(model, "model", model)
+    blocks = inner.language_model.layers if hasattr(inner, "language_model") else \
+        inner.layers if hasattr(inner, "layers") else model.encoder.block
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for b in blocks]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return [o[0] for o in outputs]
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3-multimodal"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_decoder_family_equals_the_raw_block_output_of_a_plain_forward(arch, family_dir):
+    """Layer -3 and -1 (the final norm excluded) against hooks on a plain full forward. Mistral,
+    Gemma 2 and Gemma 3 have a sliding window of 8, shorter than the shared prefix."""
+    path = family_dir(arch)
+    full_cls = AutoModelForImageTextToText if arch == "gemma3-multimodal" else AutoModelForCausalLM
+    full = full_cls.from_pretrained(path, dtype=torch.float32).eval()
+    for layer in (-3, -1):
+        enc = PromptEncoder(causal(path, layer=layer))
+        p = len(enc.prefix_ids)
+        assert p > 8
+        for caption, out in zip(CAPTIONS, enc.encode(CAPTIONS, batch_size=3)):
+            reference = block_outputs(full, enc.prefix_ids + out.ids.tolist())[layer]
+            torch.testing.assert_close(out.states, reference[p:], rtol=1e-4, atol=1e-5, msg=f"{arch} {layer} {caption}")
+            torch.testing.assert_close(enc.prefix_states, reference[:p], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_final_norm_at_the_last_layer_equals_the_models_last_hidden_state(arch, family_dir):
+    path = family_dir(arch)
+    enc = PromptEncoder(causal(path, layer=-1, final_norm=True))
+    out = enc.encode(["a red circle"])[0]
+    reference = plain_hidden_states(path, enc.prefix_ids + out.ids.tolist(), -1)  # transformers: after the norm
+    torch.testing.assert_close(out.states, reference[len(enc.prefix_ids):], rtol=1e-4, atol=1e-5)
+    with pytest.raises(EncoderError, match="final_norm applies only to the last layer"):
+        PromptEncoder(causal(path, layer=-3, final_norm=True))
+
+
+def t5_config(path, **kw) -> EncoderConfig:
+    return EncoderConfig(name="t5", path=str(path), kind="bidirectional", instruction=None,
+                         compute_dtype="float32", store_dtype="float32", **kw)
+
+
+def test_t5_encoder_features_equal_a_plain_forward_of_its_encoder(t5_dir):
+    """A full T5 checkpoint loads its encoder only; block 0's relative position bias still
+    reaches the later blocks after truncation; -1 with final_norm is PixArt's feature."""
+    plain = T5EncoderModel.from_pretrained(t5_dir, dtype=torch.float32).eval()
+    for layer, final_norm in ((-2, False), (-1, False), (-1, True)):
+        enc = PromptEncoder(t5_config(t5_dir, layer=layer, final_norm=final_norm))
+        assert type(enc.model).__name__ == "T5EncoderModel" and enc.num_blocks == 3
+        for out in enc.encode(CAPTIONS, batch_size=3):
+            ids = out.ids.tolist()
+            assert ids[-1] == enc.tokenizer.eos_token_id and enc.tokenizer.eos_token_id not in ids[:-1]
+            if final_norm:
+                with torch.no_grad():
+                    reference = plain(torch.tensor([ids])).last_hidden_state[0]
+            else:
+                reference = block_outputs(plain, ids)[layer]
+            torch.testing.assert_close(out.states, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_t5_truncation_keeps_its_closing_eos_and_counts_one_special_token(t5_dir):
+    enc = PromptEncoder(t5_config(t5_dir, layer=-1, max_tokens=4))
+    short, long = enc.encode(["red", "a large green square to the left of a small blue triangle"])
+    assert not short.truncated
+    assert long.truncated and len(long.ids) == 5 and long.ids[-1] == enc.tokenizer.eos_token_id
+    with pytest.raises(EncoderError, match="kind 'causal' but T5EncoderModel is not a decoder"):
+        PromptEncoder(causal(t5_dir))
 
 
 def test_shared_prefix_equals_prefix_positions_of_different_full_forwards(llama_dir):

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from store.config import Config, config_from_dict
 from store.reader import CacheReader
+from store.storage import RemotePath, location, write_atomic
 from train.diffusion import Objective, objective_from_config
 from train.model import TextToImageModel
 
@@ -26,23 +27,26 @@ class ExportError(FileNotFoundError):
     """No exported weights where they were expected."""
 
 
-def export(module, reader: CacheReader, out_dir: str | Path, step: int, runtime: dict | None = None) -> Path:
+def export(module, reader: CacheReader, out_dir: str | Path, step: int,
+           runtime: dict | None = None) -> Path | RemotePath:
     """Write the module's raw and EMA weights, its build arguments and the text constants.
 
-    `runtime`: how the run ran (the resolved precision, the hardware), recorded as is."""
-    out = Path(out_dir)
+    `out_dir` is a folder or an object-store URI; model.json goes last, so a reader that
+    finds it finds the weights too. `runtime`: how the run ran (the resolved precision,
+    the hardware), recorded as is."""
+    out = location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, net in (("model", module.model), ("ema", module.ema)):
         state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-        save_file(state, str(out / f"{name}.safetensors"))
+        write_atomic(out / f"{name}.safetensors", save(state))
     constants = {}
     for name in module.encoder_names:
         constants[f"{name}.prefix_states"] = reader.prefix[name].contiguous()
         constants[f"{name}.null_states"] = reader.null[name].contiguous()
-    save_file(constants, str(out / "text_constants.safetensors"))
+    write_atomic(out / "text_constants.safetensors", save(constants))
     info = {"build": module.kwargs, "config": module.config.to_dict(), "cache_meta": reader.meta,
             "encoders": module.encoder_names, "step": step, "runtime": runtime or {}}
-    (out / "model.json").write_text(json.dumps(info, indent=2))
+    write_atomic(out / "model.json", json.dumps(info, indent=2).encode())
     return out
 
 
@@ -59,17 +63,17 @@ class Exported:
 
 
 def load_exported(checkpoint_dir: str | Path, ema: bool = True) -> Exported:
-    folder = Path(checkpoint_dir)
+    folder = location(checkpoint_dir)
     if not (folder / "model.json").is_file():
         raise ExportError(f"no exported model in {folder} (model.json missing); run `make train` first")
     info = json.loads((folder / "model.json").read_text())
     build_args = dict(info["build"])
     build_args["encoders"] = [tuple(e) for e in build_args["encoders"]]
     model = TextToImageModel(**build_args)
-    weights = load_file(str(folder / ("ema.safetensors" if ema else "model.safetensors")))
+    weights = load((folder / ("ema.safetensors" if ema else "model.safetensors")).read_bytes())
     model.load_state_dict(weights, strict=True)
     model.eval().requires_grad_(False)
-    constants = load_file(str(folder / "text_constants.safetensors"))
+    constants = load((folder / "text_constants.safetensors").read_bytes())
     by_name = {e["name"]: e for e in info["cache_meta"]["encoders"]}
     config = config_from_dict(info["config"])
     return Exported(

@@ -6,8 +6,9 @@
 
 Each worker builds the module and data module from the config; the sampler reads the
 worker's rank and world size from the trainer, so the ranks read disjoint batches. The
-cache (and run_dir) must be on storage every worker can read: a shared file system or
-object storage.
+cache and run_dir must be on storage every worker can reach: an object-store URI
+(s3://...; the workers get the storage variables of this process's environment) or a
+shared file system.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
               accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
 
 
+def ray_storage(config) -> str:
+    """Where Ray Train keeps its own run state: beside the run, a URI or an absolute path."""
+    from store.storage import RemotePath
+
+    where = config.run_path / "ray"
+    return str(where) if isinstance(where, RemotePath) else str(where.resolve())
+
+
 def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -36,7 +45,7 @@ def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
         train_loop_config={"config": config.to_dict(), "progress": progress},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": config.train.num_workers + 1}),
-        run_config=RunConfig(name=f"lidit-{config.name}", storage_path=str((config.run_path / "ray").resolve())),
+        run_config=RunConfig(name=f"lidit-{config.name}", storage_path=ray_storage(config)),
     )
     return trainer.fit()
 
@@ -55,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
-    ray.init(log_to_driver=True)
+    from store.storage import storage_env
+
+    # Workers on other nodes do not inherit this environment: pass the storage settings on.
+    ray.init(log_to_driver=True, runtime_env={"env_vars": storage_env()})
     result = run_ray_train(config, args.workers, args.gpus)
     print(f"ray train: finished; error: {result.error}; weights in {config.run_path / 'checkpoints'}")
     return 0 if result.error is None else 1

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from store.config import Config
 from store.hardware import Hardware, detect, train_precision
 from store.reader import CacheReader
+from store.storage import RemotePath
 from train.data import CacheDataModule
 from train.export import export
 from train.module import LIDiTModule
@@ -39,13 +40,14 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     return train_precision(config.train.precision, hardware), hardware
 
 
-def make_trainer(config: Config, checkpoint_dir: Path, progress: bool = True, **overrides) -> L.Trainer:
+def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True, **overrides) -> L.Trainer:
     """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here."""
     train = config.train
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", every_n_train_steps=train.checkpoint_every,
+    checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
-    loggers = [CSVLogger(config.run_path, name="logs", version="", flush_logs_every_n_steps=10),
-               TensorBoardLogger(config.run_path, name="tensorboard", version="")]
+    # Lightning writes checkpoints and logs through fsspec: a run_dir URI works as is.
+    loggers = [CSVLogger(str(config.run_path), name="logs", version="", flush_logs_every_n_steps=10),
+               TensorBoardLogger(str(config.run_path), name="tensorboard", version="")]
     kwargs = dict(
         max_steps=train.steps, precision=train.precision, accelerator=train.accelerator, devices=train.devices,
         strategy=train.strategy, gradient_clip_val=train.grad_clip, logger=loggers,
@@ -80,11 +82,14 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     trainer = make_trainer(config, checkpoint_dir, progress, **trainer_overrides)
     if prepare is not None:
         trainer = prepare(trainer)
-    trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resume.is_file() and not fresh else None,
+    resuming = not fresh and resume.is_file()
+    if resuming:
+        log(f"train: resuming from {resume}")
+    trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resuming else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
     # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
     # every rank must call; rank 0 writes it.
-    trainer.save_checkpoint(resume, weights_only=False)
+    trainer.save_checkpoint(str(resume), weights_only=False)
     if trainer.global_rank == 0:
         export(module, reader, checkpoint_dir, trainer.global_step,
                runtime={"train_precision": precision, "hardware": hardware.describe()})
