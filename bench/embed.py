@@ -54,7 +54,7 @@ from embed.encoder import PromptEncoder, _convert_gguf, resolve_model_path  # no
 from embed.job import TextEncodeStage, pipeline_schema, run_embed, start_ray  # noqa: E402
 from embed.shapes import make_scene  # noqa: E402
 from store.config import Config, load_config, validate  # noqa: E402
-from bench.threads import busy_neighbour  # noqa: E402
+from bench.threads import busy_neighbour, matmul_gflops  # noqa: E402
 from store.hardware import detect  # noqa: E402
 from store.writer import CONSTANTS_FILE, SAMPLES, WRITE_OPTIONS  # noqa: E402
 
@@ -116,18 +116,6 @@ def batched(forward, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
         hidden = forward(ids, mask)  # [B, L, D]
         out += [hidden[i, : len(r)] for i, r in enumerate(batch)]
     return out
-
-
-# -- 4. this CPU's matmul rate ----------------------------------------------------------------
-
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
-    """GFLOP/s of a size x size matmul, over about `seconds` (bf16 on an AVX2-only CPU takes
-    ~20 s a product, so the repetitions follow the first product's time)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    start = time.perf_counter()
-    a @ b
-    reps = max(1, min(10, int(seconds / (time.perf_counter() - start))))
-    return rate(lambda: [a @ b for _ in range(reps)], reps) * 2 * size**3 / 1e9
 
 
 # -- 5. bytes per caption ---------------------------------------------------------------------

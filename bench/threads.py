@@ -25,6 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [(1, None), (2, None), (2, "PASSIVE")]  # (threads, OMP_WAIT_POLICY)
 
 
+def matmul_gflops(dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a size x size matmul in this process's threads, over about `seconds` (bf16 on
+    an AVX2-only CPU takes ~20 s a product, so the repetitions follow the first product's time)."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    start = time.perf_counter()
+    a @ b
+    reps = max(1, min(10, int(seconds / (time.perf_counter() - start))))
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * size**3 / (time.perf_counter() - start) / 1e9
+
+
 def encode_rate(threads: int, captions: int) -> float:
     import torch
 

@@ -7,7 +7,14 @@ side's LLM does not inflate the cached side's peak RSS. Both use the real Traine
   cache's metadata run on the batch's captions in every step (a trainer without a cache);
   3. the same ratio estimated from FLOPs for lidit-1b with LLaMA3-8B + Qwen1.5-7B;
   4. `loader_over_step`: the data module's samples/s over the cached training step's;
-  5. `auto_over_best_fixed`: train.precision "auto" over the faster of 32-true and bf16-mixed.
+  5. `auto_over_best_fixed`: train.precision "auto" over the faster of 32-true and bf16-mixed;
+  6. `train_flops_fraction`: the cached training step's model FLOPs per second over this
+     CPU's matmul rate in the precision it trained in (2048x2048, the same threads), both
+     measured in this run. The step's FLOPs are counted op by op on one real batch with
+     torch's FlopCounterMode, forward + backward: every matmul 2*m*n*k (and twice that for
+     its two gradients), attention 4*B*H*Lq*Lk*d forward and 8*B*H*Lq*Lk*d backward
+     (registered here for the CPU SDPA kernels, which the counter does not know); the
+     optimizer, norms, activations and softmax are left out.
 
     python bench/train.py [--config configs/default.yaml] [--steps 30] [--warmup 5] [--batches 50]
                           [--precision-steps 5] [--precision-repeats 2] [--json]
@@ -48,6 +55,7 @@ from train.data import BucketBatchSampler, CacheDataModule, caption_dropout_mask
 from train.layers import AdaLNZero, TimestepEmbedder  # noqa: E402
 from train.model import TextToImageModel, build_kwargs, count_parameters  # noqa: E402
 from train.module import LIDiTModule  # noqa: E402
+from bench.threads import matmul_gflops  # noqa: E402
 
 # Part 3's assumptions (lidit-1b, PAPER.md).
 LLM_PARAMS = {"LLaMA3-8B": 8.0e9, "Qwen1.5-7B": 7.7e9}  # whole checkpoints, embeddings included
@@ -155,6 +163,47 @@ def measure_side(config_path: str, side: str, steps: int, warmup: int, overrides
     result["parameters"] = module.num_parameters()
     result["precision"] = str(trainer.precision)
     return result
+
+
+# -- 6. model FLOPs of a training step -----------------------------------------------------------
+
+def register_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode torch's CPU SDPA kernels (it counts them as 0 FLOPs otherwise)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        batch, heads, lq, d = query
+        return 4 * batch * heads * lq * key[-2] * d  # Q K^T and P V
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        batch, heads, lq, d = query
+        return 8 * batch * heads * lq * key[-2] * d  # dV, dP, dQ, dK; no recomputation counted
+
+
+def step_flops(config: Config) -> dict:
+    """Model FLOPs of one training step at the config's batch size, counted on a real batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_cpu_attention_flops()
+    reader = open_cache(config)
+    L.seed_everything(config.seed, verbose=False)
+    module = LIDiTModule(config.to_dict(), reader.meta)
+    data = CacheDataModule(config)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    x_t, t, target = module.objective.sample_training(batch["latents"], torch.Generator().manual_seed(0))
+    features, masks = module._inputs(batch)
+    with FlopCounterMode(display=False) as counter:
+        module.objective.loss(module.model(x_t, t, features, masks), target).backward()
+    counts = counter.get_flop_counts()["Global"]
+    attention = sum(v for op, v in counts.items() if "attention" in str(op))
+    return {"step_flops": counter.get_total_flops(), "step_attention_flops": attention}
 
 
 def in_own_process(fn, *args) -> dict:
@@ -278,6 +327,17 @@ def main() -> int:
     fastest_fixed = max(best["32-true"], best["bf16-mixed"])
     report("   auto_over_best_fixed", "auto_over_best_fixed", best["auto"] / fastest_fixed, "x", "(goal >= 0.95)")
     results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
+
+    results.update(step_flops(config))
+    dtype = torch.bfloat16 if "bf16" in cached["precision"] else torch.float32
+    matmul = matmul_gflops(dtype) * 1e9
+    model_rate = results["step_flops"] * cached["samples_per_s"] / batch
+    print(f"6. one training step at batch {batch}: {results['step_flops'] / 1e9:.2f} GFLOP forward + backward "
+          f"({100 * results['step_attention_flops'] / results['step_flops']:.0f}% attention)")
+    report("   model FLOP rate (cached side)", "model_gflops", model_rate / 1e9, "GFLOP/s",
+           f"(trained in {cached['precision']})")
+    report(f"   matmul 2048^2 {str(dtype).removeprefix('torch.')}", "matmul_gflops", matmul / 1e9, "GFLOP/s")
+    report("   train_flops_fraction", "train_flops_fraction", model_rate / matmul, "x", "(goal >= 0.35)")
 
     if args.json:
         print(json.dumps(results))

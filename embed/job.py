@@ -132,6 +132,8 @@ class CaptionMemo:
         size = encoded.states.numel() * encoded.states.element_size() + len(caption)
         if size > self.budget or caption in self.entries:
             return
+        # a copy: the states are a view into their whole padded batch, which must not stay alive
+        encoded = EncodedCaption(encoded.ids, encoded.states.clone(), encoded.truncated)
         self.entries[caption], self.used = encoded, self.used + size
         while self.used > self.budget:
             old_caption, old = self.entries.popitem(last=False)

@@ -23,7 +23,7 @@ from safetensors.torch import load
 
 from store.schema import states_from_column
 from store.storage import location
-from store.writer import CONSTANTS_FILE, META_FILE, SAMPLES, identity_diff
+from store.writer import CONSTANTS_FILE, META_FILE, SAMPLES, identity_diff, with_encoder_defaults
 
 
 class CacheError(ValueError):
@@ -59,7 +59,7 @@ class CacheReader:
             raise CacheError(f"no cache at {self.root} (missing {META_FILE}); run `make embed` first")
         if not (self.root / SAMPLES).exists():
             raise CacheError(f"cache at {self.root} has no samples yet (no {SAMPLES})")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = with_encoder_defaults(json.loads(meta_path.read_text()))
         by_name = {e["name"]: e for e in self.meta["encoders"]}
         names = encoders if encoders is not None else list(by_name)
         missing = [n for n in names if n not in by_name]
@@ -97,7 +97,7 @@ class CacheReader:
                 problems.append(f"encoder {want['name']!r} is not in the cache")
                 continue
             keys = set(want) & {"path", "layer", "instruction", "chat_template", "hidden_size",
-                                "kind", "store_dtype", "max_tokens", "model_hash"}
+                                "kind", "store_dtype", "max_tokens", "model_hash", "final_norm"}
             problems += identity_diff({k: have.get(k) for k in keys}, {k: want[k] for k in keys},
                                       f"encoders.{want['name']}.")
         if problems:

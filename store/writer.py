@@ -14,6 +14,7 @@ rejects) and so never writes a row twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import save
 
+from store.config import EncoderConfig
 from store.schema import FORMAT_VERSION, REJECTS_SCHEMA, samples_schema, to_store_table
 from store.storage import location, write_atomic
 
@@ -61,7 +63,15 @@ def identity_diff(have: dict, want: dict, prefix: str = "") -> list[str]:
 def read_meta(root: str | Path) -> dict | None:
     """The metadata of the cache at `root`, or None where there is no cache yet."""
     meta_path = location(root) / META_FILE
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    return with_encoder_defaults(json.loads(meta_path.read_text())) if meta_path.is_file() else None
+
+
+def with_encoder_defaults(meta: dict) -> dict:
+    """`meta` whose encoder records hold every EncoderConfig field: a record written before a
+    field existed gets that field's default (what the code did then), so adding a field
+    does not make every older cache mismatch."""
+    defaults = {f.name: f.default for f in dataclasses.fields(EncoderConfig) if f.default is not dataclasses.MISSING}
+    return {**meta, "encoders": [{**defaults, **record} for record in meta.get("encoders", [])]}
 
 
 class CacheWriter:
@@ -71,7 +81,7 @@ class CacheWriter:
         self.encoders = self.meta["encoders"]
         meta_path = self.root / META_FILE
         if meta_path.is_file():
-            existing = json.loads(meta_path.read_text())
+            existing = with_encoder_defaults(json.loads(meta_path.read_text()))
             diffs = identity_diff(existing, self.meta)
             if diffs:
                 raise CacheMismatch(

@@ -79,3 +79,25 @@ def test_a_resumed_auto_cache_keeps_its_recorded_dtype(tmp_path, llama_dir, loca
     assert summary.written == 8 and summary.skipped == 8
     assert any(f"computes in {other} (asked: auto, kept from the existing cache)" in line for line in lines)
     assert json.loads(meta_path.read_text())["encoders"][0]["compute_dtype"] == other
+
+
+def test_a_cache_written_before_an_encoder_field_existed_still_matches_its_config(tiny_cache, tmp_path):
+    """A record without `final_norm` (or any later field) reads as that field's default, so
+    training and a rerun of embed accept it; a record that differs is still refused."""
+    from store.reader import CacheError, CacheReader
+
+    config = build(Config, tiny_cache, "")
+    copy = tmp_path / "cache"
+    copy.mkdir()
+    for path in config.cache_path.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    (copy / SAMPLES).symlink_to((config.cache_path / SAMPLES).resolve())
+    meta = json.loads((copy / META_FILE).read_text())
+    for record in meta["encoders"]:
+        del record["final_norm"], record["backend"]
+    (copy / META_FILE).write_text(json.dumps(meta))
+    wanted = [dict(vars(e)) for e in config.encoders]
+    CacheReader(copy).check_matches(wanted)
+    with pytest.raises(CacheError, match="final_norm: cache has False, config wants True"):
+        CacheReader(copy).check_matches([{**w, "final_norm": True} for w in wanted])

@@ -279,3 +279,21 @@ def test_a_caption_shared_by_five_rows_is_encoded_once_and_stored_in_each(tmp_pa
         first = by_caption.setdefault(row["caption"], row)
         assert row["llm__states"] == first["llm__states"] and row["bert__states"] == first["bert__states"]
     assert len(by_caption) == 40
+
+
+def test_caption_memo_keeps_the_most_recently_used_captions_within_its_budget():
+    from embed.encoder import EncodedCaption
+    from embed.job import CaptionMemo
+
+    def encoded(n: int) -> EncodedCaption:
+        return EncodedCaption(np.arange(n, dtype=np.int32), torch.zeros(n, 4)[:n], False)  # 16 bytes a token
+
+    memo = CaptionMemo(budget_bytes=100)
+    memo.put("a", encoded(2))  # 32 + 1 bytes
+    memo.put("b", encoded(2))
+    assert memo.get("a") is not None  # "a" is now the most recent
+    memo.put("c", encoded(2))  # 99 bytes: all fit
+    memo.put("d", encoded(1))  # over budget: the least recently used ("b") goes
+    assert memo.get("b") is None and all(memo.get(k) is not None for k in "acd")
+    memo.put("huge", encoded(10))  # larger than the whole budget: not kept, nothing evicted
+    assert memo.get("huge") is None and memo.used <= 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,32 @@ def test_max_minutes_stops_a_long_run_early_and_still_exports(tiny_cache, tmp_pa
 def test_data_loader_workers_start_with_spawn_and_train(tiny_cache, tmp_path):
     config = config_for(tiny_cache, tmp_path, train={"steps": 3, "num_workers": 1})
     assert run_train(config, progress=False, log=lambda *_: None)["steps"] == 3
+
+
+def test_progress_logs_shapeeval_beside_the_loss_and_draws_curves_a_resumed_run_extends(tiny_cache, tmp_path):
+    """ShapeEval every 3 steps (and at the end) on held-out rows with the EMA weights, in the
+    CSV log beside the loss; curves.png and curves.json carry on across a resume."""
+    from PIL import Image
+
+    from sample.shapeeval import CATEGORIES
+
+    first = config_for(tiny_cache, tmp_path, train={"steps": 4, "eval_every": 3, "eval_rows": 6, "eval_steps": 2})
+    run_train(first, progress=False)
+    logs = first.run_path / "logs"
+    frame = pd.read_csv(logs / "metrics.csv")
+    scored = frame.dropna(subset=["eval/overall"])
+    assert list(scored["step"]) == [3, 4]
+    categories = {c.removeprefix("eval/") for c in frame.columns if c.startswith("eval/")} - {"overall"}
+    assert categories and categories <= set(CATEGORIES)  # those among the 6 rows
+    assert scored["eval/overall"].between(0, 1).all()
+    history = json.loads((logs / "curves.json").read_text())
+    assert [e["step"] for e in history["eval"]] == [3, 4] and [p[0] for p in history["loss"]] == [1, 2, 3, 4]
+    assert Image.open(logs / "curves.png").size == (1000, 380)
+
+    resumed = config_for(tiny_cache, tmp_path, train={"steps": 6, "eval_every": 3, "eval_rows": 6, "eval_steps": 2})
+    run_train(resumed, progress=False)
+    history = json.loads((logs / "curves.json").read_text())
+    assert [e["step"] for e in history["eval"]] == [3, 4, 6]
+    assert [p[0] for p in history["loss"]] == [1, 2, 3, 4, 5, 6]
+    walls = [p[1] for p in history["loss"]]
+    assert walls == sorted(walls), "wall time goes on from the first run's"

@@ -23,6 +23,7 @@ from store.storage import RemotePath
 from train.data import CacheDataModule
 from train.export import export
 from train.module import LIDiTModule
+from train.progress import TrainingProgress
 
 
 def open_cache(config: Config) -> CacheReader:
@@ -40,8 +41,10 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     return train_precision(config.train.precision, hardware), hardware
 
 
-def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True, **overrides) -> L.Trainer:
-    """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here."""
+def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True,
+                 reader: CacheReader | None = None, **overrides) -> L.Trainer:
+    """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here.
+    With the run's `reader`, it also draws the progress curves and scores (train/progress.py)."""
     train = config.train
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
@@ -52,7 +55,8 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
         max_steps=train.steps, precision=train.precision, accelerator=train.accelerator, devices=train.devices,
         strategy=train.strategy, gradient_clip_val=train.grad_clip, logger=loggers,
         # tqdm, not rich: it also prints readable periodic lines when stdout is a log file
-        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else []),
+        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else [])
+        + ([TrainingProgress(config, reader)] if reader is not None else []),
         log_every_n_steps=train.log_every, enable_progress_bar=progress, limit_val_batches=0,
         num_sanity_val_steps=0, enable_model_summary=progress, use_distributed_sampler=False,
         max_time=timedelta(minutes=train.max_minutes) if train.max_minutes else None,
@@ -79,7 +83,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     resume = checkpoint_dir / "last.ckpt"
     L.seed_everything(config.seed, verbose=False)  # the initial weights
     module = LIDiTModule(config.to_dict(), reader.meta)
-    trainer = make_trainer(config, checkpoint_dir, progress, **trainer_overrides)
+    trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, **trainer_overrides)
     if prepare is not None:
         trainer = prepare(trainer)
     resuming = not fresh and resume.is_file()
