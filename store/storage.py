@@ -3,7 +3,7 @@
 `location(p)` gives a `pathlib.Path` for a local path and a `RemotePath` for a URI; the
 two share the few path operations the project uses (`/`, read/write text and bytes,
 `exists`, `is_file`, `mkdir`, `name`, `parent`), so the code that writes a cache or a run
-is the same for both. Lance reads and writes URIs natively; everything else (meta.json,
+is the same for both. (Lance, which lists and commits its own files, is given the URI.) Lance reads and writes URIs natively; everything else (meta.json,
 text_constants.safetensors, checkpoints, exported weights, logs, samples) goes through
 fsspec, which Lightning uses too.
 
@@ -59,18 +59,11 @@ def apply_storage(storage) -> None:
 
 
 def storage_env() -> dict[str, str]:
-    """The storage variables set here, for processes that do not inherit this environment
-    (Ray workers on other nodes)."""
-    return {k: os.environ[k] for k in PASSED_ON if os.environ.get(k)}
-
-
-def redact(text: str) -> str:
-    """`text` with every storage secret of this environment replaced by ***."""
-    for key in SECRETS:
-        value = os.environ.get(key)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
+    """The storage settings of this environment, for processes that do not inherit it (Ray
+    workers on other nodes): the endpoint and region, never the keys. A runtime
+    environment is recorded by Ray (its dashboard, its logs), so the keys must reach other
+    nodes from their own environment or an instance role."""
+    return {k: os.environ[k] for k in PASSED_ON if k not in SECRETS and os.environ.get(k)}
 
 
 class RemotePath:
@@ -109,17 +102,11 @@ class RemotePath:
     def parent(self) -> RemotePath:
         return RemotePath(f"{self.scheme}://{posixpath.dirname(self._key)}")
 
-    def with_name(self, name: str) -> RemotePath:
-        return self.parent / name
-
     def exists(self) -> bool:
         return self.fs.exists(self._key)
 
     def is_file(self) -> bool:
         return self.fs.isfile(self._key)
-
-    def is_dir(self) -> bool:
-        return self.fs.isdir(self._key)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders: nothing to make (a bucket must exist)."""
@@ -136,18 +123,6 @@ class RemotePath:
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
         return self.write_bytes(text.encode(encoding))
-
-    def unlink(self, missing_ok: bool = False) -> None:
-        if missing_ok and not self.exists():
-            return
-        self.fs.rm_file(self._key)
-
-    def glob(self, pattern: str) -> list[RemotePath]:
-        return [RemotePath(f"{self.scheme}://{k}") for k in sorted(self.fs.glob(f"{self._key}/{pattern}"))]
-
-    def rm_tree(self) -> None:
-        if self.exists():
-            self.fs.rm(self._key, recursive=True)
 
 
 def write_atomic(path, data: bytes) -> None:

@@ -126,3 +126,11 @@ def test_storage_section_never_reaches_a_recorded_config(tmp_path, llama_dir):
     config = build(Config, raw, "")
     validate(config)
     assert "storage" not in config.to_dict() and "do-not-record" not in repr(config.to_dict())
+
+
+def test_only_the_endpoint_and_region_are_passed_to_other_nodes(s3):
+    from store.storage import storage_env
+
+    passed = storage_env()
+    assert passed["AWS_ENDPOINT_URL"] == s3 and passed["AWS_REGION"] == "us-east-1"
+    assert "AWS_SECRET_ACCESS_KEY" not in passed and "AWS_ACCESS_KEY_ID" not in passed

@@ -7,8 +7,8 @@
 Each worker builds the module and data module from the config; the sampler reads the
 worker's rank and world size from the trainer, so the ranks read disjoint batches. The
 cache and run_dir must be on storage every worker can reach: an object-store URI
-(s3://...; the workers get the storage variables of this process's environment) or a
-shared file system.
+(s3://...; the workers get this process's endpoint and region, and the keys from their
+own nodes' environment or role) or a shared file system.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from store.storage import storage_env
 
-    # Workers on other nodes do not inherit this environment: pass the storage settings on.
+    # Workers on other nodes do not inherit this environment: pass the endpoint and region on.
     ray.init(log_to_driver=True, runtime_env={"env_vars": storage_env()})
     result = run_ray_train(config, args.workers, args.gpus)
     print(f"ray train: finished; error: {result.error}; weights in {config.run_path / 'checkpoints'}")
