@@ -202,7 +202,8 @@ def test_progress_logs_shapeeval_beside_the_loss_and_draws_curves_a_resumed_run_
     from sample.shapeeval import CATEGORIES
 
     first = config_for(tiny_cache, tmp_path, train={"steps": 4, "eval_every": 3, "eval_rows": 6, "eval_steps": 2})
-    run_train(first, progress=False)
+    summary = run_train(first, progress=False)
+    assert summary["shapeeval"].startswith("ShapeEval at step 4 (6 held-out prompts)") and "overall" in summary["shapeeval"]
     logs = first.run_path / "logs"
     frame = pd.read_csv(logs / "metrics.csv")
     scored = frame.dropna(subset=["eval/overall"])

@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"train: {summary['steps']} steps in {summary['seconds']:.0f} s, last loss {summary['loss']:.4f}, "
           f"{summary['parameters'] / 1e6:.1f}M parameters")
-    print(f"  checkpoint and safetensors weights in {summary['checkpoints']}; loss curve in {summary['logs']}")
+    print(f"  checkpoint and safetensors weights in {summary['checkpoints']}; loss and score curves "
+          f"(curves.png) in {summary['logs']}")
+    if summary["shapeeval"]:
+        print(summary["shapeeval"])
     return 0
 
 

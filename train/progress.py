@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sample.generate import generate, load_codec
-from sample.shapeeval import CATEGORIES, shapeeval
+from sample.shapeeval import CATEGORIES, format_table, shapeeval
 from store.config import Config
 from store.reader import CacheReader, TextFeatures, assemble_text
 from store.storage import location, write_atomic
@@ -62,6 +62,7 @@ class TrainingProgress(L.Callback):
         self.history: dict = {"loss": [], "eval": []}
         self.started = self.offset = 0.0
         self.eval_set = None
+        self.last_table: str | None = None  # the last evaluation's ShapeEval table, for the summary
 
     # -- the record ---------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class TrainingProgress(L.Callback):
                           batch_size=max(s.batch_size, len(self.eval_set["captions"])), progress=False, text=text,
                           codec=load_codec(live, module.device), precision=s.precision)
         result = shapeeval(images, self.eval_set["scenes"], world)
+        self.last_table = f"ShapeEval at step {step} ({len(images)} held-out prompts):\n{format_table(result)}"
         metrics = {"eval/overall": result["overall"],
                    **{f"eval/{c}": result["categories"][c] for c in CATEGORIES if c in result["categories"]}}
         for logger in trainer.loggers:

@@ -97,7 +97,9 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     if trainer.global_rank == 0:
         export(module, reader, checkpoint_dir, trainer.global_step,
                runtime={"train_precision": precision, "hardware": hardware.describe()})
+    progress_callback = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
     losses = trainer.logged_metrics
     return {"steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
             "loss": float(losses["train/loss"]) if "train/loss" in losses else None,
-            "parameters": module.num_parameters(), "logs": str(config.run_path / "logs"), "precision": precision}
+            "parameters": module.num_parameters(), "logs": str(config.run_path / "logs"), "precision": precision,
+            "shapeeval": progress_callback.last_table if progress_callback else None}
