@@ -145,8 +145,8 @@ class TextEncodeStage:
 
     Each distinct caption is encoded once: within a call, and across calls through a
     memo of `embed.caption_memo_mib`. The rows still each store their own copy of the
-    states (store/writer.py says why). `caption_encoded` marks the rows whose caption
-    was run, so the driver can count forwards against rows."""
+    states (the README's "Equal captions are encoded once" says why). `caption_encoded`
+    marks the rows whose caption was run, so the driver can count forwards against rows."""
 
     def __init__(self, config: Config):
         torch.set_num_threads(config.embed.threads_per_actor)
