@@ -93,11 +93,11 @@ def _vllm_version() -> str:
 KV_SEQUENCES = 128  # CPU: KV cache for this many full-length sequences at once (two encoder batches)
 
 
-def kv_bytes_per_token(text_config: dict, blocks: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(hf_config: dict, blocks: int, dtype: torch.dtype) -> int:
     """Key and value bytes one token costs across the blocks that run."""
-    heads = text_config["num_attention_heads"]
-    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // heads
-    kv_heads = text_config.get("num_key_value_heads") or heads
+    heads = hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    kv_heads = hf_config.get("num_key_value_heads") or heads
     return 2 * blocks * kv_heads * head_dim * dtype.itemsize
 
 
@@ -120,7 +120,6 @@ class VllmPromptEncoder(PromptEncoder):
                 "`pip install -e '.[gpu]'`, on a CPU one `make install-vllm` (README, 'vLLM')"
             ) from err
         hf = json.loads((folder / "config.json").read_text())
-        text = hf.get("text_config") or hf
         architecture = hf["architectures"][0]
         if "text_config" in hf:
             raise EncoderError(f"{self.config.name}: backend 'vllm' takes text-only checkpoints, "
@@ -128,7 +127,7 @@ class VllmPromptEncoder(PromptEncoder):
         length = len(self.prefix_ids) + self.config.max_tokens + len(self.suffix_ids)
         kv_bytes = None  # on a GPU, vLLM's own gpu_memory_utilization
         if self.device.type == "cpu":  # there it would reserve 90% of the machine's memory
-            kv_bytes = max(KV_SEQUENCES * length * kv_bytes_per_token(text, self.blocks, self.compute_dtype), 32 << 20)
+            kv_bytes = max(KV_SEQUENCES * length * kv_bytes_per_token(hf, self.blocks, self.compute_dtype), 32 << 20)
         self.llm = LLM(
             model=str(folder), tokenizer=str(folder), runner="pooling", dtype=self.compute_dtype_name,
             hf_overrides={"num_hidden_layers": self.blocks, "architectures": [register_truncated(architecture)]},
@@ -136,7 +135,7 @@ class VllmPromptEncoder(PromptEncoder):
             enforce_eager=self.device.type == "cpu", seed=0, kv_cache_memory_bytes=kv_bytes,
         )
         self.model = None
-        return int(text["hidden_size"])
+        return int(hf["hidden_size"])
 
     def _states(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         from vllm.pooling_params import PoolingParams

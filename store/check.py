@@ -18,7 +18,6 @@ import pyarrow.compute as pc
 
 from store.reader import CacheReader
 from store.schema import samples_schema, states_from_column
-from store.storage import location
 from store.writer import REJECTS
 
 
@@ -47,7 +46,7 @@ def check_cache(path: str | Path, recompute: int = 0, seed: int = 0, log=print) 
     unique = len(pc.unique(ids))
     if unique != rows:
         problems.append(f"{rows - unique} duplicate ids among {rows} rows")
-    rejects_path = location(path) / REJECTS
+    rejects_path = reader.root / REJECTS
     rejected = lance.dataset(str(rejects_path)).count_rows() if rejects_path.exists() else 0
     log(f"rows {rows}, unique ids {unique}, rejected {rejected}, fragments {len(ds.get_fragments())}")
     for enc in reader.encoders:

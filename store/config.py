@@ -397,9 +397,11 @@ def validate(config: Config) -> None:
 RANGES = [
     ("train.steps", 0), ("train.batch_size", 1), ("train.warmup_steps", 0), ("train.grad_clip", 0.0),
     ("train.weight_decay", 0.0), ("train.devices", 1), ("train.num_workers", 0), ("train.checkpoint_every", 1),
-    ("train.log_every", 1), ("train.eval_every", 0), ("train.eval_rows", 1), ("train.eval_steps", 1), ("sample.steps", 1), ("sample.batch_size", 1), ("sample.cfg_scale", 0.0),
+    ("train.log_every", 1), ("train.eval_every", 0), ("train.eval_rows", 1), ("train.eval_steps", 1),
+    ("sample.steps", 1), ("sample.batch_size", 1), ("sample.cfg_scale", 0.0),
     ("embed.actors", 1), ("embed.threads_per_actor", 1), ("embed.gpus_per_actor", 0.0), ("embed.batch_size", 1),
-    ("embed.shard_rows", 1), ("embed.caption_memo_mib", 0.0), ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
+    ("embed.shard_rows", 1), ("embed.caption_memo_mib", 0.0),
+    ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
     ("model.dim", 1), ("model.depth", 1), ("model.heads", 1), ("model.patch", 1), ("model.mlp_ratio", 0.0)]
 
 

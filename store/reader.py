@@ -11,7 +11,6 @@ first reads it, and reopened if the reader finds itself in a forked child.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load
 
 from store.schema import states_from_column
 from store.storage import location
-from store.writer import CONSTANTS_FILE, META_FILE, SAMPLES, identity_diff, with_encoder_defaults
+from store.writer import CONSTANTS_FILE, META_FILE, SAMPLES, identity_diff, read_meta
 
 
 class CacheError(ValueError):
@@ -54,12 +53,12 @@ def assemble_text(prefix: torch.Tensor, captions: list[torch.Tensor]) -> TextFea
 class CacheReader:
     def __init__(self, root: str | Path, encoders: list[str] | None = None):
         self.root = location(root)
-        meta_path = self.root / META_FILE
-        if not meta_path.is_file():
+        meta = read_meta(self.root)
+        if meta is None:
             raise CacheError(f"no cache at {self.root} (missing {META_FILE}); run `make embed` first")
         if not (self.root / SAMPLES).exists():
             raise CacheError(f"cache at {self.root} has no samples yet (no {SAMPLES})")
-        self.meta = with_encoder_defaults(json.loads(meta_path.read_text()))
+        self.meta = meta
         by_name = {e["name"]: e for e in self.meta["encoders"]}
         names = encoders if encoders is not None else list(by_name)
         missing = [n for n in names if n not in by_name]

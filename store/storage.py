@@ -3,15 +3,16 @@
 `location(p)` gives a `pathlib.Path` for a local path and a `RemotePath` for a URI; the
 two share the few path operations the project uses (`/`, read/write text and bytes,
 `exists`, `is_file`, `mkdir`, `name`, `parent`), so the code that writes a cache or a run
-is the same for both. (Lance, which lists and commits its own files, is given the URI.) Lance reads and writes URIs natively; everything else (meta.json,
-text_constants.safetensors, checkpoints, exported weights, logs, samples) goes through
-fsspec, which Lightning uses too.
+is the same for both. Lance, which lists and commits its own files, is given the URI;
+everything else (meta.json, text_constants.safetensors, checkpoints, exported weights,
+logs, samples) goes through fsspec, which Lightning uses too.
 
 Credentials and the endpoint come from the environment, as every S3 client reads them
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION), or from the
 config's `storage:` section, which `apply_storage` exports into this process's
 environment at start-up. They are never part of a recorded config (`Config.to_dict`
-leaves `storage` out), so they reach no log, metadata file or checkpoint.
+leaves `storage` out, and `storage_env` passes only the endpoint and region on to other
+nodes), so they reach no log, metadata file or checkpoint.
 """
 
 from __future__ import annotations

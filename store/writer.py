@@ -79,9 +79,8 @@ class CacheWriter:
         self.root = location(root)
         self.meta = {"format_version": FORMAT_VERSION, **meta}
         self.encoders = self.meta["encoders"]
-        meta_path = self.root / META_FILE
-        if meta_path.is_file():
-            existing = with_encoder_defaults(json.loads(meta_path.read_text()))
+        existing = read_meta(self.root)
+        if existing is not None:
             diffs = identity_diff(existing, self.meta)
             if diffs:
                 raise CacheMismatch(
@@ -90,7 +89,7 @@ class CacheWriter:
                 )
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_atomic(meta_path, json.dumps(self.meta, indent=2).encode())
+            write_atomic(self.root / META_FILE, json.dumps(self.meta, indent=2).encode())
         self.schema = samples_schema(self.encoders)
 
     @property

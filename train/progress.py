@@ -24,20 +24,20 @@ from sample.generate import generate, load_codec
 from sample.shapeeval import CATEGORIES, format_table, shapeeval
 from store.config import Config
 from store.reader import CacheReader, TextFeatures, assemble_text
-from store.storage import location, write_atomic
+from store.storage import write_atomic
 
 
 class CachedText:
     """PromptFeatures' interface over the cache's own features of fixed rows (no LLM)."""
 
-    def __init__(self, reader: CacheReader, rows: list[int], captions: list[str], names: list[str]):
-        text = reader.take(rows, with_latents=False)["text"]
-        self.names, self.rows = names, {c: i for i, c in enumerate(captions)}
+    def __init__(self, reader: CacheReader, row_of_caption: dict[str, int], names: list[str]):
+        text = reader.take(list(row_of_caption.values()), with_latents=False)["text"]
+        self.names, self.index = names, {c: i for i, c in enumerate(row_of_caption)}
         self.features = [text[n] for n in names]
         self.reader = reader
 
     def encode(self, captions: list[str]) -> list:
-        index = torch.tensor([self.rows[c] for c in captions])
+        index = torch.tensor([self.index[c] for c in captions])
         return [TextFeatures(f.states[index], f.mask[index], f.prefix_len) for f in self.features]
 
     def null(self, batch: int) -> list:
@@ -69,16 +69,15 @@ class TrainingProgress(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         if trainer.global_rank != 0:
             return
-        path = location(self.history_path)
-        if trainer.global_step > 0 and path.is_file():  # a resumed run extends its record
-            self.history = json.loads(path.read_text())
+        if trainer.global_step > 0 and self.history_path.is_file():  # a resumed run extends its record
+            self.history = json.loads(self.history_path.read_text())
             kept = [p for p in self.history["loss"] if p[0] <= trainer.global_step]
             self.history["loss"] = kept
             self.history["eval"] = [e for e in self.history["eval"] if e["step"] <= trainer.global_step]
             self.offset = kept[-1][1] if kept else 0.0
         self.started = time.time()
         if self.scores:
-            self.eval_set = self._eval_set()
+            self.eval_set = self._eval_set(module)
 
     def _wall(self) -> float:
         return self.offset + time.time() - self.started
@@ -103,27 +102,29 @@ class TrainingProgress(L.Callback):
 
     # -- ShapeEval ----------------------------------------------------------------------
 
-    def _eval_set(self) -> dict:
+    def _eval_set(self, module) -> dict:
+        """What every evaluation reuses: the rows, their captions, scenes and cached text,
+        the live EMA model and the codec."""
         rows = np.flatnonzero(self.reader.column("split") == "eval")[: self.config.train.eval_rows].tolist()
         table = self.reader.dataset.take(rows, columns=["caption", "truth"])
         captions = table.column("caption").to_pylist()
-        rows_by_caption = dict(zip(captions, rows))  # equal captions: one set of features
-        return {"rows": list(rows_by_caption.values()), "captions": captions,
-                "scenes": [json.loads(t) for t in table.column("truth").to_pylist()]}
+        row_of_caption = dict(zip(captions, rows))  # equal captions: one set of features
+        live = LiveModel(module, self.reader)
+        return {"captions": captions, "scenes": [json.loads(t) for t in table.column("truth").to_pylist()],
+                "text": CachedText(self.reader, row_of_caption, module.encoder_names),
+                "live": live, "codec": load_codec(live, module.device)}
 
     @torch.no_grad()
     def _evaluate(self, trainer, module, step: int) -> None:
         started, wall = time.time(), self._wall()
-        live = LiveModel(module, self.reader)
-        distinct = list(dict.fromkeys(self.eval_set["captions"]))
-        text = CachedText(self.reader, self.eval_set["rows"], distinct, module.encoder_names)
         world = self.reader.meta["source"]["world"]
         s = self.config.sample
-        images = generate(live, self.eval_set["captions"], steps=self.config.train.eval_steps, cfg_scale=s.cfg_scale,
+        e = self.eval_set
+        images = generate(e["live"], e["captions"], steps=self.config.train.eval_steps, cfg_scale=s.cfg_scale,
                           solver=s.solver, seed=s.seed, height=world["height"], width=world["width"],
-                          batch_size=max(s.batch_size, len(self.eval_set["captions"])), progress=False, text=text,
-                          codec=load_codec(live, module.device), precision=s.precision)
-        result = shapeeval(images, self.eval_set["scenes"], world)
+                          batch_size=max(s.batch_size, len(e["captions"])), progress=False, text=e["text"],
+                          codec=e["codec"], precision=s.precision)
+        result = shapeeval(images, e["scenes"], world)
         self.last_table = f"ShapeEval at step {step} ({len(images)} held-out prompts):\n{format_table(result)}"
         metrics = {"eval/overall": result["overall"],
                    **{f"eval/{c}": result["categories"][c] for c in CATEGORIES if c in result["categories"]}}
