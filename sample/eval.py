@@ -66,32 +66,39 @@ def ground_truth_images(reader: CacheReader, rows: list[int], codec, batch_size:
 
 
 def comparison_table(scores: dict, biases: dict) -> str:
-    """Categories and position bins as rows, model / floor / ceiling as columns."""
-    header = "".join(f"{name:>9}" for name in REFERENCES)
-    ceiling = scores["ceiling"]
+    """Categories and position bins as rows, the scored sets (model / floor / ceiling) as columns."""
+    names = [name for name in REFERENCES if name in scores]
+    header = "".join(f"{name:>9}" for name in names)
+    ceiling = scores[names[-1]]  # every set scores the same scenes: any gives the counts
     lines = [f"{'category':<20}{header}{'images':>9}"]
     for category in [c for c in CATEGORIES if c in ceiling["categories"]]:
-        values = "".join(f"{scores[name]['categories'][category]:>9.3f}" for name in REFERENCES)
+        values = "".join(f"{scores[name]['categories'][category]:>9.3f}" for name in names)
         lines.append(f"{category:<20}{values}{ceiling['counts'][category]:>9d}")
-    values = "".join(f"{scores[name]['overall']:>9.3f}" for name in REFERENCES)
+    values = "".join(f"{scores[name]['overall']:>9.3f}" for name in names)
     lines += [f"{'overall':<20}{values}{ceiling['images']:>9d}", "",
               f"{'binding by position':<20}{header}{'mentions':>9}"]
-    for i, bin_ in enumerate(biases["ceiling"]["bins"]):
+    for i, bin_ in enumerate(biases[names[-1]]["bins"]):
         lo, hi = bin_["range"]
         span = f"[{lo:.2f}, {hi:.2f}" + ("]" if hi == BIAS_EDGES[-1] else ")")
-        means = [biases[name]["bins"][i]["mean"] for name in REFERENCES]
+        means = [biases[name]["bins"][i]["mean"] for name in names]
         values = "".join(f"{'-':>9}" if m is None else f"{m:>9.3f}" for m in means)
         lines.append(f"{span:<20}{values}{bin_['count']:>9d}")
     return "\n".join(lines)
 
 
+CURVE_COLORS = {"model": (31, 119, 180), "floor": (150, 150, 150), "ceiling": (44, 160, 44)}
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
 def plot_bias(biases: dict, path: Path) -> None:
-    """A line plot: binding accuracy (y) per position bin (x), one line per reference."""
-    colors = {"model": (31, 119, 180), "floor": (150, 150, 150), "ceiling": (44, 160, 44)}
-    width, height, left, right, top, bottom = 560, 360, 60, 110, 40, 60
+    """A line plot: binding accuracy (y) per position bin (x), one line per named curve
+    ({name: {"bins": [{"range", "mean"}, ...]}}, in order; model/floor/ceiling keep their colours)."""
+    names = list(biases)
+    colors = {name: CURVE_COLORS.get(name, PALETTE[i % len(PALETTE)]) for i, name in enumerate(names)}
+    width, height, left, right, top, bottom = 600, 360, 60, 150, 40, 60
     image = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    bins = biases["model"]["bins"]
+    bins = biases[names[0]]["bins"]
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def at(i: int, value: float) -> tuple[float, float]:
@@ -105,7 +112,7 @@ def plot_bias(biases: dict, path: Path) -> None:
         lo, hi = bin_["range"]
         draw.text((at(i, 0)[0], top + plot_h + 8), f"{lo:.2f}-{hi:.2f}", fill="black", font=font, anchor="mt")
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    for k, name in enumerate(REFERENCES):
+    for k, name in enumerate(names):
         points = [at(i, b["mean"]) if b["mean"] is not None else None for i, b in enumerate(biases[name]["bins"])]
         for a, b in zip(points, points[1:]):
             if a and b:
@@ -125,8 +132,11 @@ def plot_bias(biases: dict, path: Path) -> None:
 
 
 def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = None, limit: int | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Score model, floor and ceiling on the held-out rows; write the files; return the scores."""
+             device: str = "cpu", progress: bool = True, references: tuple[str, ...] = REFERENCES) -> dict:
+    """Score `references` (model, floor, ceiling) on the held-out rows; write the files; return the scores."""
+    unknown = set(references) - set(REFERENCES)
+    if "model" not in references or unknown:
+        raise ValueError(f"eval: references {references}: must include 'model', allowed: {', '.join(REFERENCES)}")
     exported = load_exported(checkpoint or config.run_path / "checkpoints", ema=config.sample.use_ema)
     exported.model.to(device)
     reader = CacheReader(config.cache_path, encoders=[e["name"] for e in exported.encoders])
@@ -137,13 +147,15 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
                 "height": world["height"], "width": world["width"], "batch_size": s.batch_size,
                 "precision": resolve_precision(s.precision, device)}
     codec = load_codec(exported, device)
-    images = {
-        "model": generate(exported, captions, **settings, progress=progress, codec=codec),
-        "floor": generate(exported, captions, **settings, unconditional_only=True, progress=progress, codec=codec),
-        "ceiling": ground_truth_images(reader, rows, codec, s.batch_size),
+    make = {
+        "model": lambda: generate(exported, captions, **settings, progress=progress, codec=codec),
+        "floor": lambda: generate(exported, captions, **settings, unconditional_only=True, progress=progress,
+                                  codec=codec),
+        "ceiling": lambda: ground_truth_images(reader, rows, codec, s.batch_size),
     }
-    scores = {name: shapeeval(images[name], scenes, world) for name in REFERENCES}
-    biases = {name: positional_bias(images[name], scenes, world) for name in REFERENCES}
+    images = {name: make[name]() for name in REFERENCES if name in references}
+    scores = {name: shapeeval(images[name], scenes, world) for name in images}
+    biases = {name: positional_bias(images[name], scenes, world) for name in images}
 
     out = location(out or config.run_path / "eval")
     out.mkdir(parents=True, exist_ok=True)

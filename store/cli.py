@@ -45,3 +45,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     # A small job with fewer blocks than encoder actors: true, and harmless.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
+    # Training: the EMA copy is in eval mode on purpose; the LeafSpec notice is Lightning's own.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")

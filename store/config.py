@@ -65,6 +65,11 @@ class EncoderConfig:
     layer: int = -3  # output of this block; negative counts from the end (-3: paper's choice)
     instruction: str | None = PAPER_INSTRUCTION  # bidirectional encoders: none (load_config)
     chat_template: bool = False  # wrap instruction + caption in the tokenizer's chat template
+    # chat_template only: a system message before the instruction (None: the template's own default)
+    system_prompt: str | None = None
+    # chat_template only: the template's tokens after the caption (end of turn, assistant header):
+    # "keep" them in the condition, or "drop" them so the condition ends with the caption
+    template_suffix: Literal["keep", "drop"] = "keep"
     max_tokens: int = 128  # caption tokens kept; longer captions are truncated and flagged
     # forward dtype; "auto": bf16 where the hardware runs it natively, else fp32 (store/hardware.py)
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
@@ -112,6 +117,11 @@ class ModelConfig:
     gate: bool = True  # adaptive gate in the language token refiner
     causal_refiner: bool = False  # ablation: put the causal mask back into the refiner
     attention_backend: Literal["sdpa", "xformers"] = "sdpa"
+    # normalise each frozen feature vector before a refiner's projection (train/refiner.py)
+    feature_norm: Literal["none", "rms", "layer"] = "none"
+    # what modulates each collaborative-refiner branch: "branch" (paper: its own gate input), "mean"
+    collab_condition: Literal["branch", "mean"] = "branch"
+    mlp_conv: bool = False  # a depthwise 3x3 conv on the token grid inside each LI-DiT FFN
 
 
 @dataclass
@@ -349,6 +359,9 @@ def validate(config: Config) -> None:
                 f"encoders[{i}]: a bidirectional encoder takes no instruction or chat "
                 "template (its prefix cannot be shared; the paper's T5 role has none)"
             )
+        if not enc.chat_template and (enc.system_prompt is not None or enc.template_suffix != "keep"):
+            raise ConfigError(f"encoders[{i}]: system_prompt and template_suffix apply to the chat "
+                              "template; set chat_template: true")
         if enc.backend == "vllm" and (enc.kind != "causal" or enc.final_norm):
             raise ConfigError(
                 f"encoders[{i}].backend: 'vllm' serves causal LLMs at an intermediate or last layer "

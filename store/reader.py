@@ -95,7 +95,8 @@ class CacheReader:
             if have is None:
                 problems.append(f"encoder {want['name']!r} is not in the cache")
                 continue
-            keys = set(want) & {"path", "layer", "instruction", "chat_template", "hidden_size",
+            keys = set(want) & {"path", "layer", "instruction", "chat_template", "system_prompt",
+                                "template_suffix", "hidden_size",
                                 "kind", "store_dtype", "max_tokens", "model_hash", "final_norm"}
             problems += identity_diff({k: have.get(k) for k in keys}, {k: want[k] for k in keys},
                                       f"encoders.{want['name']}.")

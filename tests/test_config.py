@@ -12,10 +12,19 @@ from train.model import build_kwargs, count_parameters
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "matrices"),
+                         ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_validates(path):
     config = load_config(path)
     assert config.name == path.stem
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "matrices").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_matrix_loads_with_all_its_recipes(path):
+    from train.matrix import load_matrix
+
+    matrix = load_matrix(path)  # loads and validates every (recipe, seed)'s config
+    assert matrix.runs and len({run.key for run in matrix.runs}) == len(matrix.runs)
 
 
 def paper_encoders(config) -> list[dict]:
@@ -33,12 +42,12 @@ def test_paper_sizes_imply_their_parameter_counts_without_allocating(name, low, 
 
 
 def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
-    config = load_config(CONFIGS / "ablations" / "concat-fusion.yaml")
+    config = load_config(CONFIGS / "ablations" / "two-llm-concat.yaml")  # base.yaml, then default.yaml
     default = load_config(CONFIGS / "default.yaml")
     assert config.model.fusion == "concat" and default.model.fusion == "collaborative"
-    assert config.model.dim == default.model.dim
-    assert str(config.run_path) == "runs/concat-fusion"
-    assert config.cache_path == default.cache_path
+    assert config.model.dim == default.model.dim and config.train == default.train
+    assert str(config.run_path) == "runs/two-llm-concat"
+    assert str(config.cache_path) == "runs/ablations/cache"
 
 
 def test_override_sets_a_nested_value():

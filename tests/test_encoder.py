@@ -169,6 +169,25 @@ def test_chat_template_prefix_and_suffix_equal_plain_forward(llama_dir):
     assert torch.allclose(out.states, reference[len(enc.prefix_ids):], atol=1e-5)
 
 
+def test_system_prompt_and_dropped_suffix_end_the_condition_at_the_caption(llama_dir):
+    enc = PromptEncoder(causal(llama_dir, chat_template=True, system_prompt="You describe pictures.",
+                               template_suffix="drop"))
+    assert enc.suffix_ids == []
+    prefix = enc.tokenizer.decode(enc.prefix_ids)
+    assert prefix.startswith("<s>system\nYou describe pictures.</s>") and prefix.endswith("objects:")
+    out = enc.encode(["a blue square"])[0]
+    assert enc.tokenizer.decode(out.ids.tolist()) == " a blue square"
+    reference = plain_hidden_states(llama_dir, enc.prefix_ids + out.ids.tolist(), -3)
+    assert torch.allclose(out.states, reference[len(enc.prefix_ids):], atol=1e-5)
+
+
+def test_system_prompt_without_the_chat_template_is_refused():
+    from store.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="set chat_template: true"):
+        load_config("configs/default.yaml", ["encoders=[{name: a, path: x, system_prompt: hi}]"])
+
+
 def test_layer_out_of_range_is_a_clear_error(llama_dir):
     with pytest.raises(EncoderError, match="layer -9 is out of range for a model with 4 blocks"):
         PromptEncoder(causal(llama_dir, layer=-9))

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from train.layers import Attention
+from train.layers import Attention, Mlp, masked_mean
 from train.lidit import LIDiT
 from train.model import TextToImageModel
 from train.refiner import (
@@ -89,7 +89,7 @@ def _collaborative_outputs(pad: int):
     collab = _perturb_zero_init(CollaborativeRefiner(2, DIM, depth=2, heads=HEADS))
     xs, masks = [torch.randn(2, 5, DIM), torch.randn(2, 4, DIM)], [_mask([5, 2], 5), _mask([3, 4], 4)]
     padded = [_append_padding(x, m, pad) for x, m in zip(xs, masks)]
-    outs = collab([x for x, _ in padded], [m for _, m in padded], torch.randn(2, DIM))
+    outs = collab([x for x, _ in padded], [m for _, m in padded], list(torch.randn(2, 2, DIM)))
     return torch.cat([out[:, :x.shape[1]][m] for out, x, m in zip(outs, xs, masks)])
 
 
@@ -101,16 +101,24 @@ def _lidit_outputs(pad: int):
     return dit(x, t, cond, cond_mask)
 
 
-def _model_outputs(pad: int):
+SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True)
+
+
+def _model_outputs(pad: int, **switches):
     torch.manual_seed(0)
-    model = _perturb_zero_init(TextToImageModel(**TINY_MODEL))
+    model = _perturb_zero_init(TextToImageModel(**TINY_MODEL, **switches))
     features, masks = _text()
     padded = [_append_padding(f, m, pad) for f, m in zip(features, masks)]
     return model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), [f for f, _ in padded], [m for _, m in padded])
 
 
-@pytest.mark.parametrize("outputs", [_refiner_outputs, _collaborative_outputs, _lidit_outputs, _model_outputs],
-                         ids=["refiner", "collaborative", "lidit", "whole_model"])
+def _model_outputs_with_switches(pad: int):
+    return _model_outputs(pad, **SWITCHES)
+
+
+@pytest.mark.parametrize("outputs", [_refiner_outputs, _collaborative_outputs, _lidit_outputs, _model_outputs,
+                                     _model_outputs_with_switches],
+                         ids=["refiner", "collaborative", "lidit", "whole_model", "whole_model_switches"])
 def test_padding_does_not_change_real_token_outputs(outputs):
     torch.testing.assert_close(outputs(pad=0), outputs(pad=5), atol=1e-5, rtol=0)
 
@@ -173,7 +181,7 @@ def test_instruction_tokens_are_dropped_and_branches_concatenated():
 def test_collaborative_refiner_mixes_branches():
     torch.manual_seed(0)
     collab = _perturb_zero_init(CollaborativeRefiner(2, DIM, depth=1, heads=HEADS))
-    a, b, c = torch.randn(1, 4, DIM), torch.randn(1, 5, DIM), torch.randn(1, DIM)
+    a, b, c = torch.randn(1, 4, DIM), torch.randn(1, 5, DIM), [torch.randn(1, DIM)] * 2
     masks = [_mask([4], 4), _mask([5], 5)]
     before = collab([a, b], masks, c)[0]
     after = collab([a, torch.randn_like(b)], masks, c)[0]
@@ -184,7 +192,7 @@ def test_collaborative_refiner_with_one_branch_is_the_identity():
     collab = CollaborativeRefiner(1, DIM, depth=2, heads=HEADS)
     x = torch.randn(2, 4, DIM)
     assert len(list(collab.parameters())) == 0
-    assert collab([x], [_mask([4, 1], 4)], torch.randn(2, DIM))[0] is x
+    assert collab([x], [_mask([4, 1], 4)], [torch.randn(2, DIM)])[0] is x
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
@@ -213,3 +221,57 @@ def test_a_few_hundred_steps_overfit_a_tiny_batch():
 def test_the_attention_backend_reaches_the_refiners():
     with pytest.raises(ImportError, match="needs the xformers package"):
         LLMInfusedDiffuser(TINY_MODEL["encoders"], DIM, HEADS, backend="xformers")
+
+
+@pytest.mark.parametrize("feature_norm", ["rms", "layer"])
+def test_feature_norm_makes_the_refiner_blind_to_each_token_s_scale(feature_norm):
+    """A massive activation (SmolLM2's first position) no longer dominates the refiner."""
+    torch.manual_seed(0)
+    refiner = _perturb_zero_init(LanguageTokenRefiner(24, DIM, depth=1, heads=HEADS, feature_norm=feature_norm))
+    x, mask, t_emb = torch.randn(2, 5, 24), _mask([5, 3], 5), torch.randn(2, DIM)
+    scaled = x.clone()
+    scaled[:, 0] *= 1000.0
+    torch.testing.assert_close(refiner(x, mask, t_emb), refiner(scaled, mask, t_emb), atol=1e-4, rtol=1e-4)
+    plain = _perturb_zero_init(LanguageTokenRefiner(24, DIM, depth=1, heads=HEADS))
+    assert (plain(x, mask, t_emb) - plain(scaled, mask, t_emb)).abs().max() > 1.0
+
+
+def test_feature_norm_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="feature_norm='batch'; allowed: none, rms, layer"):
+        LanguageTokenRefiner(24, DIM, feature_norm="batch")
+
+
+def test_mlp_conv_mixes_a_token_with_its_grid_neighbours_only():
+    torch.manual_seed(0)
+    mlp, plain = Mlp(DIM, conv=True), Mlp(DIM)
+    x = torch.randn(1, 4 * 6, DIM)  # a 4x6 token grid
+    changed = x.clone()
+    changed[0, 0] += 1.0  # token (0, 0)
+    moved = (mlp(changed, (4, 6)) - mlp(x, (4, 6))).abs().amax(dim=-1).view(4, 6) > 0
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[:2, :2] = True  # itself and its 3 neighbours inside the grid
+    assert torch.equal(moved, expected)
+    assert ((plain(changed) - plain(x)).abs().amax(dim=-1) > 0).sum() == 1
+    with pytest.raises(ValueError, match="24 tokens do not form the grid"):
+        mlp(x, (5, 5))
+
+
+@pytest.mark.parametrize("condition", ["branch", "mean"])
+def test_collaborative_branches_are_modulated_as_configured(condition):
+    torch.manual_seed(0)
+    diffuser = _perturb_zero_init(LLMInfusedDiffuser(TINY_MODEL["encoders"], DIM, HEADS, collab_condition=condition))
+    features, masks = _text()
+    t_emb = torch.randn(2, DIM)
+    seen = []
+    for block in diffuser.collaborative.layers[0]:
+        block.adaLN.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    diffuser(features, masks, t_emb)
+    refined = [r.refine(f, m, t_emb) for r, f, m in zip(diffuser.refiners, features, masks)]
+    if condition == "branch":  # the paper: each branch gets its own refiner's gate input
+        for c_seen, (_, c) in zip(seen, refined):
+            torch.testing.assert_close(c_seen, c)
+        assert (seen[0] - seen[1]).abs().max() > 1e-3
+    else:
+        pooled = torch.stack([masked_mean(x, m) for (x, _), m in zip(refined, masks)]).mean(dim=0)
+        for c_seen in seen:
+            torch.testing.assert_close(c_seen, pooled + t_emb)

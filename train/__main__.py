@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from store import cli  # first: process defaults before torch loads (store/cli.py)
 import sys
-import warnings
 
 from store.config import ConfigError, load_config
 from store.reader import CacheError
@@ -20,9 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
     args = parser.parse_args(argv)
     cli.quiet_libraries()
-    # The EMA copy is in eval mode on purpose; the LeafSpec notice is Lightning's own.
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     try:
         config = load_config(args.config, args.overrides)
         summary = run_train(config, fresh=args.fresh)

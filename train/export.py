@@ -69,6 +69,7 @@ def load_exported(checkpoint_dir: str | Path, ema: bool = True) -> Exported:
     info = json.loads((folder / "model.json").read_text())
     build_args = dict(info["build"])
     build_args["encoders"] = [tuple(e) for e in build_args["encoders"]]
+    build_args.setdefault("collab_condition", "mean")  # models exported before the switch used the mean
     model = TextToImageModel(**build_args)
     weights = load((folder / ("ema.safetensors" if ema else "model.safetensors")).read_bytes())
     model.load_state_dict(weights, strict=True)

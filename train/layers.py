@@ -147,17 +147,31 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer FFN: Linear -> GELU (tanh approximation, as DiT) -> Linear."""
+    """Transformer FFN: Linear -> GELU (tanh approximation, as DiT) -> Linear.
 
-    def __init__(self, dim: int, hidden_ratio: float = 4.0):
+    conv=True adds local mixing on an image's token grid: a depthwise 3x3 convolution over
+    the hidden features between the two Linears (as Sana's Mix-FFN), so each token's FFN
+    also sees its 8 neighbours; forward then needs the grid size `hw`.
+    """
+
+    def __init__(self, dim: int, hidden_ratio: float = 4.0, conv: bool = False):
         super().__init__()
         hidden = int(dim * hidden_ratio)
         self.fc1 = nn.Linear(dim, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden) if conv else None
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """x [B, N, D] (N = h * w on a grid when conv) -> [B, N, D]."""
+        x = self.fc1(x)  # [B, N, hidden]
+        if self.conv is not None:
+            if hw is None or hw[0] * hw[1] != x.shape[1]:
+                raise ValueError(f"Mlp with conv: {x.shape[1]} tokens do not form the grid {hw}")
+            B, N, C = x.shape
+            grid = x.transpose(1, 2).reshape(B, C, *hw)  # [B, hidden, h, w]
+            x = self.conv(grid).flatten(2).transpose(1, 2)  # [B, N, hidden]
+        return self.fc2(self.act(x))
 
 
 class AdaLNZero(nn.Module):

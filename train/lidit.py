@@ -71,24 +71,25 @@ class LIDiTBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
-                 text_dim: int | None = None, backend: str = "sdpa"):
+                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm, backend=backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(dim, heads, qk_norm, context_dim=text_dim, backend=backend)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.mlp = Mlp(dim, mlp_ratio, conv=mlp_conv)
         self.adaLN = AdaLNZero(dim, 9)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, N, D], c [B, D], cond [B, L, Dt], cond_mask [B, L] -> [B, N, D]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
+                hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """x [B, N, D], c [B, D], cond [B, L, Dt], cond_mask [B, L] -> [B, N, D]; hw: the token grid."""
         (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN(c)  # [B, D] each
         x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa))
         x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift_ca, scale_ca),
                                                        context=cond, key_mask=cond_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp), hw)
         return x
 
 
@@ -121,7 +122,7 @@ class LIDiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, backend: str = "sdpa"):
+                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels
@@ -131,7 +132,8 @@ class LIDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(dim)
         self.text_pool = nn.Linear(text_dim or dim, dim)
         self.blocks = nn.ModuleList([
-            LIDiTBlock(dim, heads, mlp_ratio, text_dim=text_dim, backend=backend) for _ in range(depth)
+            LIDiTBlock(dim, heads, mlp_ratio, text_dim=text_dim, backend=backend, mlp_conv=mlp_conv)
+            for _ in range(depth)
         ])
         self.final_layer = FinalLayer(dim, patch, self.out_channels)
 
@@ -159,6 +161,6 @@ class LIDiT(nn.Module):
             t_emb = self.timestep_embedding(t)  # [B, D]
         c = t_emb + self.text_pool(masked_mean(cond, cond_mask))  # [B, D]
         for block in self.blocks:
-            x = block(x, c, cond, cond_mask)  # [B, N, D]
+            x = block(x, c, cond, cond_mask, (h, w))  # [B, N, D]
         x = self.final_layer(x, c)  # [B, N, p * p * C_out]
         return self.unpatchify(x, h, w)  # [B, C_out, H, W]

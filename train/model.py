@@ -24,11 +24,12 @@ class TextToImageModel(nn.Module):
     def __init__(self, encoders: list[tuple[int, int]], in_channels: int, patch: int, dim: int, depth: int,
                  heads: int, mlp_ratio: float = 4.0, refiner_depth: int = 2, collab_depth: int = 1,
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
-                 backend: str = "sdpa"):
+                 backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
+                 mlp_conv: bool = False):
         super().__init__()
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
-                                           backend)
-        self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend)
+                                           backend, feature_norm, collab_condition)
+        self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -94,4 +95,7 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "gate": model.gate,
         "causal": model.causal_refiner,
         "backend": model.attention_backend,
+        "feature_norm": model.feature_norm,
+        "collab_condition": model.collab_condition,
+        "mlp_conv": model.mlp_conv,
     }

@@ -1,0 +1,128 @@
+"""Benchmark of the training step's speed levers, side by side in one run (issue "Training that learns").
+
+The default model's training step (fwd + bwd + AdamW, the loss of `train.objective`) on
+real cached batches, as a bare loop, against one lever at a time:
+  - the Lightning step (`make_trainer`) around the same model: the framework's overhead;
+  - AdamW's implementations: for-loop (torch's CPU default), foreach, fused;
+  - torch.compile (inductor) of the model, its compile time reported apart;
+  - the batch size (16, 32, 64): samples/s;
+  - torch threads (1 against the machine's cores);
+  - the LI-DiT FFN's depthwise conv (`model.mlp_conv`), as the recipe study pays for it.
+Each variant runs `--steps` timed steps after `--warmup` untimed ones, in its own spawned
+process (so one variant's threads or compiled code cannot leak into the next).
+
+    python bench/levers.py [--config configs/default.yaml] [--steps 15] [--warmup 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench.train import in_own_process, measure_side, setup_process  # noqa: E402
+
+
+def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "default", compiled: bool = False,
+              threads: int | None = None, overrides: tuple = ()) -> dict:
+    """samples/s of a plain fwd + bwd + AdamW loop on the default data and model."""
+    import lightning as L
+    import torch
+
+    from store.config import load_config
+    from train.data import CacheDataModule
+    from train.module import LIDiTModule
+    from train.run import open_cache
+
+    setup_process()
+    if threads:
+        torch.set_num_threads(threads)
+    config = load_config(config_path, list(overrides))
+    reader = open_cache(config)
+    L.seed_everything(config.seed, verbose=False)
+    module = LIDiTModule(config.to_dict(), reader.meta)
+    model, objective = module.model, module.objective
+    data = CacheDataModule(config)
+    data.setup()
+    batches = iter(data.train_dataloader())
+    kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, **kwargs)
+    compile_seconds = None
+    if compiled:
+        start = time.perf_counter()
+        model.compile()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        batch = next(batches)
+        x_t, t, target = objective.sample_training(batch["latents"], generator)
+        features, masks = module._inputs(batch)
+        loss = objective.loss(model(x_t, t, features, masks), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        opt.step()
+        if compiled and step == 0:
+            compile_seconds = time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return {"samples_per_s": steps * config.train.batch_size / elapsed, "compile_seconds": compile_seconds,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens here)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    from store.hardware import detect
+
+    cores = os.cpu_count() or 1
+    print(f"{args.config}: {args.steps} timed steps after {args.warmup}, on {detect('cpu').describe()}, "
+          f"{cores} cores")
+    results: dict = {"config": args.config, "steps": args.steps, "cpu": detect("cpu").describe()}
+    base = in_own_process(bare_loop, args.config, args.steps, args.warmup)["samples_per_s"]
+    results["bare_samples_per_s"] = base
+
+    def report(label: str, key: str, speed: float, note: str = "") -> None:
+        results[key] = speed / base
+        print(f"{label:<44} {speed:>8.1f} samples/s {speed / base:>6.2f}x  {note}", flush=True)
+
+    print(f"{'bare loop, AdamW for-loop (the reference)':<44} {base:>8.1f} samples/s {1.0:>6.2f}x")
+    lightning = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)["samples_per_s"]
+    report("Lightning step (make_trainer)", "lightning_over_bare", lightning)
+    for optimizer in ("foreach", "fused"):
+        speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, optimizer)["samples_per_s"]
+        report(f"AdamW {optimizer}", f"adamw_{optimizer}_over_bare", speed)
+    compiled = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", True)
+    report("torch.compile (inductor)", "compile_over_bare", compiled["samples_per_s"],
+           f"(first step incl. compiling: {compiled['compile_seconds']:.0f} s)")
+    results["compile_seconds"] = compiled["compile_seconds"]
+    for batch in (16, 64):
+        speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
+                               (f"train.batch_size={batch}",))["samples_per_s"]
+        report(f"batch {batch} (default 32)", f"batch_{batch}_over_bare", speed)
+    if cores > 1:
+        speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, 1)["samples_per_s"]
+        report(f"1 thread (default {cores})", "one_thread_over_bare", speed)
+    speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
+                           ("model.mlp_conv=true",))["samples_per_s"]
+    report("model.mlp_conv: true", "mlp_conv_over_bare", speed)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

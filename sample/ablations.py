@@ -1,0 +1,243 @@
+"""`python -m sample.ablations`: docs/ABLATIONS.md and docs/ablations.json from the ablation matrix.
+
+Reads the records `python -m train.matrix configs/matrices/ablations.yaml` wrote (one per
+recipe and seed) and lays them out as the paper's tables: per recipe the mean ShapeEval
+score over seeds, its spread (min-max over seeds) and a 95% Wilson interval on all of its
+images pooled. Each of the paper's claims (PAPER.md, "Evaluation in the paper") is judged
+from the difference of two recipes' pooled scores and that difference's 95% interval:
+
+- a claim that A beats B: "reproduced" if the interval lies above 0, "contradicted" if
+  below, else "cannot tell at this size";
+- a claim that A changes nothing against B: "consistent" if the interval contains 0 and
+  lies within +-0.05, "contradicted" if it excludes 0, else "cannot tell at this size".
+
+Also draws the positional-bias curves of the LLM alone, the LLM with the refiner and the
+T5-role encoder (docs/figures/ablations_positional_bias.png). Text below the line
+`<!-- notes -->` in an existing ABLATIONS.md is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sample.eval import plot_bias
+from sample.shapeeval import CATEGORIES
+
+NOTES_MARKER = "<!-- notes -->"
+MARGIN = 0.05  # "changes nothing": the difference's interval within +-MARGIN
+Z95 = 1.959964
+
+
+@dataclass
+class Claim:
+    text: str
+    a: str  # recipe
+    b: str  # recipe
+    relation: str  # ">" (a beats b) or "=" (a changes nothing against b)
+
+
+@dataclass
+class Table:
+    title: str
+    baseline: str
+    rows: list[tuple[str, str]]  # (recipe, what it is)
+    claims: list[Claim]
+
+
+TABLES = [
+    Table("The premise (Table 3's rows; the positional-bias figure)", "each encoder alone, no instruction",
+          [("t5-alone", "T5 role (MiniLM), no refiner"), ("t5-refiner", "T5 role + refiner"),
+           ("llm-alone", "causal LLM (SmolLM2), no refiner"), ("llm-refiner", "causal LLM + refiner")],
+          [Claim("an LLM alone follows prompts worse than T5", "t5-alone", "llm-alone", ">"),
+           Claim("the refiner does nothing for T5", "t5-refiner", "t5-alone", "="),
+           Claim("the refiner helps the LLM a lot", "llm-refiner", "llm-alone", ">")]),
+    Table("Table 2: the components", "one LLM, no instruction, no refiner",
+          [("llm-alone", "LLM alone"), ("llm-refiner", "+ refiner"), ("llm-instruction", "+ instruction"),
+           ("llm-instruction-refiner", "+ both")],
+          [Claim("+ refiner beats the LLM alone", "llm-refiner", "llm-alone", ">"),
+           Claim("+ instruction beats the LLM alone", "llm-instruction", "llm-alone", ">"),
+           Claim("+ both beats + refiner", "llm-instruction-refiner", "llm-refiner", ">"),
+           Claim("+ both beats + instruction", "llm-instruction-refiner", "llm-instruction", ">")]),
+    Table("Table 3: the causal mask in the refiner", "one LLM without the instruction",
+          [("llm-refiner", "bidirectional refiner"), ("llm-causal-refiner", "causal refiner")],
+          [Claim("putting the causal mask back into the refiner hurts", "llm-refiner", "llm-causal-refiner", ">")]),
+    Table("Table 4: the instruction, instruction-tuned vs base LLM", "no refiner",
+          [("llm-alone", "SmolLM2-Instruct, no instruction"), ("llm-instruction", "SmolLM2-Instruct + instruction"),
+           ("base-llm-alone", "Gemma 3 270M (base), no instruction"),
+           ("base-llm-instruction", "Gemma 3 270M (base) + instruction")],
+          [Claim("the instruction helps an instruction-tuned LLM", "llm-instruction", "llm-alone", ">"),
+           Claim("the instruction does nothing for a base LLM", "base-llm-instruction", "base-llm-alone", "=")]),
+    Table("Table 5: refiner depth and gate", "one LLM without the instruction",
+          [("llm-alone", "depth 0"), ("llm-refiner-depth-1", "depth 1"), ("llm-refiner", "depth 2 (default)"),
+           ("llm-refiner-depth-3", "depth 3"), ("llm-refiner-no-gate", "depth 2, no gate")],
+          [Claim("depth 2 beats depth 1", "llm-refiner", "llm-refiner-depth-1", ">"),
+           Claim("depth 3 is no better than depth 2", "llm-refiner-depth-3", "llm-refiner", "="),
+           Claim("removing the gate hurts", "llm-refiner", "llm-refiner-no-gate", ">")]),
+    Table("Table 6: fusing two causal LLMs", "two LLMs, each with instruction and refiner",
+          [("llm-instruction-refiner", "SmolLM2 alone"), ("llm2-instruction-refiner", "Gemma 3 270M alone"),
+           ("two-llm-concat", "both, concatenated"), ("two-llm-collaborative", "both, collaborative refiner"),
+           ("two-llm-collaborative-mean", "both, collaborative, mean modulation")],
+          [Claim("concatenating two LLMs beats the first alone", "two-llm-concat", "llm-instruction-refiner", ">"),
+           Claim("concatenating two LLMs beats the second alone", "two-llm-concat", "llm2-instruction-refiner", ">"),
+           Claim("the collaborative refiner beats concatenation", "two-llm-collaborative", "two-llm-concat", ">")]),
+    Table("The chat template (system prompt + instruction, nothing after the caption)", "with the refiner",
+          [("llm-instruction-refiner", "plain instruction"), ("llm-chat-refiner", "chat template + system prompt")],
+          []),
+]
+BIAS_FIGURE = [("llm-alone", "LLM alone"), ("llm-refiner", "LLM + refiner"), ("t5-alone", "T5 role alone")]
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """Per recipe: seeds, mean and spread of the overall score, pooled successes and images."""
+    by_recipe: dict[str, list[dict]] = {}
+    for record in records:
+        by_recipe.setdefault(record["recipe"], []).append(record)
+    out = {}
+    for recipe, group in by_recipe.items():
+        scores = [r["overall"] for r in group]
+        successes = sum(round(r["overall"] * r["images"]) for r in group)
+        images = sum(r["images"] for r in group)
+        bins = []
+        for i, bin_ in enumerate(group[0]["bias_bins"]):
+            means = [r["bias_bins"][i]["mean"] for r in group if r["bias_bins"][i]["mean"] is not None]
+            bins.append({"range": bin_["range"], "count": bin_["count"],
+                         "mean": sum(means) / len(means) if means else None})
+        out[recipe] = {
+            "seeds": sorted(r["seed"] for r in group), "mean": sum(scores) / len(scores),
+            "min": min(scores), "max": max(scores), "successes": successes, "images": images,
+            "interval": wilson(successes, images), "steps": sum(r["steps"] for r in group) / len(group),
+            "categories": {c: sum(r["categories"].get(c, 0.0) for r in group) / len(group)
+                           for c in CATEGORIES if c in group[0]["categories"]},
+            "bias_bins": bins,
+        }
+    return out
+
+
+def verdict(claim: Claim, stats: dict[str, dict]) -> tuple[str, float | None, tuple[float, float] | None]:
+    """(verdict, difference a - b of the pooled scores, its 95% interval) for one claim."""
+    if claim.a not in stats or claim.b not in stats:
+        return "not run", None, None
+    a, b = stats[claim.a], stats[claim.b]
+    pa, pb = a["successes"] / a["images"], b["successes"] / b["images"]
+    diff = pa - pb
+    half = Z95 * math.sqrt(pa * (1 - pa) / a["images"] + pb * (1 - pb) / b["images"])
+    low, high = diff - half, diff + half
+    if claim.relation == ">":
+        text = "reproduced" if low > 0 else "contradicted" if high < 0 else "cannot tell at this size"
+    else:
+        if low > 0 or high < 0:
+            text = "contradicted"
+        elif -MARGIN <= low and high <= MARGIN:
+            text = "consistent"
+        else:
+            text = "cannot tell at this size"
+    return text, diff, (low, high)
+
+
+def render(stats: dict[str, dict], records: list[dict], machine: str, notes: str) -> str:
+    lines = ["# The paper's ablations on the shapes world", "",
+             "Generated by `python -m sample.ablations` from the runs of `make ablations`",
+             "(configs/matrices/ablations.yaml; raw records in docs/ablations.json). Each score is",
+             "ShapeEval overall (sample/shapeeval.py, EMA weights, the default sampler) on the first",
+             "held-out prompts; **mean** over seeds, **spread** = min-max over seeds, **95%** = Wilson",
+             "interval on all seeds' images pooled. A claim is judged on the difference of two recipes'",
+             "pooled scores and its 95% interval (module docstring).", "",
+             f"Runs: {len(records)} ({len({r['recipe'] for r in records})} recipes). Machine: {machine}.", ""]
+    for table in TABLES:
+        lines += [f"## {table.title}", "", f"Baseline: {table.baseline}.", "",
+                  "| recipe | what | seeds | steps | mean | spread | 95% | position (last bin - first) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for recipe, what in table.rows:
+            s = stats.get(recipe)
+            if s is None:
+                lines.append(f"| {recipe} | {what} | not run | | | | | |")
+                continue
+            first, last = s["bias_bins"][0]["mean"], s["bias_bins"][-1]["mean"]
+            drop = f"{last - first:+.3f}" if first is not None and last is not None else "-"
+            lines.append(f"| {recipe} | {what} | {len(s['seeds'])} | {s['steps']:.0f} | {s['mean']:.3f} | "
+                         f"{s['min']:.3f}-{s['max']:.3f} | {s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {drop} |")
+        if table.claims:
+            lines += ["", "| the paper's claim | A - B | 95% | ours |", "|---|---|---|---|"]
+            for claim in table.claims:
+                text, diff, interval = verdict(claim, stats)
+                shown = "-" if diff is None else f"{diff:+.3f}"
+                span = "-" if interval is None else f"{interval[0]:+.3f} to {interval[1]:+.3f}"
+                lines.append(f"| {claim.text} ({claim.a} vs {claim.b}) | {shown} | {span} | {text} |")
+        lines.append("")
+    lines += ["## Positional bias", "",
+              "Attribute binding by where the mention starts in the prompt (mean over seeds):", "",
+              "![positional bias](figures/ablations_positional_bias.png)", ""]
+    return "\n".join(lines) + "\n" + NOTES_MARKER + "\n" + notes
+
+
+def write_report(records: list[dict], docs: Path) -> Path:
+    stats = aggregate(records)
+    machines = sorted({r.get("hardware", "?") for r in records})
+    out = docs / "ABLATIONS.md"
+    notes = out.read_text().partition(NOTES_MARKER)[2].lstrip("\n") if out.is_file() else ""
+    out.write_text(render(stats, records, "; ".join(machines) or "-", notes))
+    (docs / "ablations.json").write_text(json.dumps(records, indent=1) + "\n")
+    curves = {label: {"bins": stats[recipe]["bias_bins"]} for recipe, label in BIAS_FIGURE if recipe in stats}
+    if curves:
+        (docs / "figures").mkdir(parents=True, exist_ok=True)
+        plot_bias(curves, docs / "figures" / "ablations_positional_bias.png")
+    return out
+
+
+def comparison(records: list[dict], baseline: str) -> str:
+    """A markdown table of every recipe against `baseline`: steps, overall, categories,
+    and the difference of pooled scores with its 95% interval (the recipe study)."""
+    stats = aggregate(records)
+    if baseline not in stats:
+        raise KeyError(f"no runs of the baseline recipe {baseline!r}")
+    categories = list(stats[baseline]["categories"])
+    lines = ["| recipe | seeds | steps | overall | 95% | vs " + baseline + " (95%) | "
+             + " | ".join(categories) + " |", "|---" * (5 + len(categories)) + "|"]
+    for recipe, s in stats.items():
+        _, diff, interval = verdict(Claim("", recipe, baseline, ">"), stats)
+        versus = "-" if recipe == baseline else f"{diff:+.3f} ({interval[0]:+.3f} to {interval[1]:+.3f})"
+        lines.append(f"| {recipe} | {len(s['seeds'])} | {s['steps']:.0f} | {s['mean']:.3f} | "
+                     f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {versus} | "
+                     + " | ".join(f"{s['categories'][c]:.2f}" for c in categories) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sample.ablations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="runs/matrices/ablations/results.json")
+    parser.add_argument("--docs", default="docs")
+    parser.add_argument("--compare", metavar="RECIPE",
+                        help="print a table of every recipe against this one instead of writing the docs")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_file():
+        print(f"ablations: error: no results at {results}; run the matrix first", file=sys.stderr)
+        return 2
+    records = json.loads(results.read_text())
+    if args.compare:
+        print(comparison(records, args.compare))
+        return 0
+    out = write_report(records, Path(args.docs))
+    print(f"ablations: {len(records)} runs -> {out}, {Path(args.docs) / 'ablations.json'} and "
+          f"{Path(args.docs) / 'figures' / 'ablations_positional_bias.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Recipe matrices (train/matrix.py), the ablation recipes and their report (sample/ablations.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sample.ablations import TABLES, Claim, aggregate, verdict, wilson, write_report
+from store.config import ConfigError, load_config
+from train.matrix import load_matrix, run_matrix
+
+ABLATIONS = Path("configs/ablations")
+LLMS = {"smollm2", "smollm2_plain", "smollm2_chat", "gemma3", "gemma3_plain"}
+
+
+def test_every_ablation_recipe_is_in_the_matrix_and_sits_on_its_tables_baseline():
+    matrix = load_matrix("configs/matrices/ablations.yaml")
+    recipes = {run.recipe: load_config(run.config, run.overrides) for run in matrix.runs}
+    assert set(recipes) == {p.stem for p in ABLATIONS.glob("*.yaml")} - {"base"}
+    assert {r for t in TABLES for r, _ in t.rows} <= set(recipes)
+    for name, config in recipes.items():
+        used = set(config.model.encoders)
+        assert not (used & LLMS and "minilm" in used), f"{name} mixes an LLM with the T5 role"
+        assert len(used) == 1 or name.startswith("two-llm"), name
+        assert config.cache_dir == "runs/ablations/cache" and config.train.max_minutes is None
+    for name in ("llm-alone", "llm-refiner", "llm-causal-refiner", "llm-refiner-depth-1", "llm-refiner-depth-3",
+                 "llm-refiner-no-gate"):  # Tables 2 (baseline), 3 and 5: one LLM without the instruction
+        assert recipes[name].model.encoders == ["smollm2_plain"], name
+    assert [recipes[n].model.refiner_depth for n in ("llm-alone", "llm-refiner-depth-1", "llm-refiner",
+                                                      "llm-refiner-depth-3")] == [0, 1, 2, 3]
+    assert recipes["llm-causal-refiner"].model.causal_refiner and not recipes["llm-refiner-no-gate"].model.gate
+    for name in ("llm-instruction", "base-llm-alone", "base-llm-instruction", "t5-alone"):  # Table 4: no refiner
+        assert recipes[name].model.refiner_depth == 0, name
+    by_name = {e.name: e for e in recipes["llm-chat-refiner"].encoders}
+    assert by_name["smollm2_chat"].template_suffix == "drop" and by_name["smollm2_chat"].system_prompt
+    assert recipes["two-llm-concat"].model.fusion == "concat"
+    assert recipes["two-llm-collaborative-mean"].model.collab_condition == "mean"
+
+
+def test_a_broken_recipe_is_named(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"recipes": {"good": {}, "bad": {"model.depth": "deep"}}}))
+    with pytest.raises(ConfigError, match="recipe 'bad'"):
+        load_matrix(path)
+    path.write_text(yaml.safe_dump({"recipes": {"a": {}}, "seed": 1}))
+    with pytest.raises(ConfigError, match="unknown keys \\['seed'\\]"):
+        load_matrix(path)
+
+
+def test_wilson_interval_and_claim_verdicts():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    stats = {name: {"successes": k, "images": 1000} for name, k in
+             {"strong": 300, "weak": 100, "same": 302, "close": 120}.items()}
+    assert verdict(Claim("", "strong", "weak", ">"), stats)[0] == "reproduced"
+    assert verdict(Claim("", "weak", "strong", ">"), stats)[0] == "contradicted"
+    assert verdict(Claim("", "close", "weak", ">"), stats)[0] == "cannot tell at this size"
+    assert verdict(Claim("", "same", "strong", "="), stats)[0] == "consistent"
+    assert verdict(Claim("", "strong", "weak", "="), stats)[0] == "contradicted"
+    assert verdict(Claim("", "strong", "missing", ">"), stats)[0] == "not run"
+
+
+def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({**tiny_cache, "cache_dir": f"{tiny_cache['run_dir']}/cache"}))
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "base": str(base), "out": str(tmp_path / "out"), "seeds": [0], "jobs": 2, "eval_rows": 4,
+        "set": {"train.steps": 3}, "recipes": {"llm-alone": {"model.encoders": ["llm"], "model.refiner_depth": 0},
+                                              "both": {}}}))
+    return path
+
+
+def test_matrix_trains_scores_resumes_and_reports(tiny_cache, tmp_path, capsys):
+    path = _matrix(tmp_path, tiny_cache)
+    matrix = load_matrix(path)
+    records = run_matrix(matrix, str(path))
+    assert [(r["recipe"], r["seed"], r["steps"], r["images"]) for r in records] == [("llm-alone", 0, 3, 4),
+                                                                                   ("both", 0, 3, 4)]
+    for record in records:
+        assert set(record["categories"]) and len(record["bias_bins"]) == 4 and record["ceiling"] == 1.0
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == records
+    first = (tmp_path / "out" / "both-s0" / "result.json").stat().st_mtime
+    assert run_matrix(load_matrix(path), str(path)) == records  # finished runs are skipped
+    assert "2 already finished, 0 to go" in capsys.readouterr().out
+    assert (tmp_path / "out" / "both-s0" / "result.json").stat().st_mtime == first
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ABLATIONS.md").write_text("old\n<!-- notes -->\nkept by hand\n")
+    records = [{**r, "recipe": "llm-alone" if r["recipe"] == "llm-alone" else "t5-alone"} for r in records]
+    write_report(records, docs)
+    text = (docs / "ABLATIONS.md").read_text()
+    assert "| t5-alone | T5 role (MiniLM), no refiner | 1 | 3 |" in text and text.endswith("kept by hand\n")
+    assert (docs / "figures" / "ablations_positional_bias.png").stat().st_size > 1000
+    assert aggregate(records)["llm-alone"]["images"] == 4

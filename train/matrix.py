@@ -1,0 +1,236 @@
+"""`python -m train.matrix configs/matrices/recipe.yaml`: train and score a matrix of recipes.
+
+A matrix file names a base config, the overrides every run shares (the compute budget),
+the seeds, and the recipes, each a set of overrides and/or its own config file:
+
+    name: recipe                    # runs go to runs/matrices/<name>/<recipe>-s<seed>
+    base: configs/default.yaml
+    seeds: [0, 1]
+    jobs: 2                         # runs at once; each gets cores / jobs threads
+    eval_rows: 256                  # held-out prompts each run is scored on
+    set: {train.max_minutes: 10, train.steps: 100000, train.eval_every: 0}
+    recipes:
+      baseline: {}
+      feature-norm: {model.feature_norm: rms}
+      llm-alone: {config: configs/ablations/llm-alone.yaml}
+
+Each (recipe, seed) trains with `python -m train`'s code and is scored by `make eval`'s code
+(sample/eval.py: ShapeEval and the positional-bias bins, model and ceiling), in its own
+process, with its log in `<run>/matrix.log`. It is resumable at two levels: a run with a
+`result.json` is skipped, and an interrupted run resumes from its `last.ckpt`. All records
+go to `runs/matrices/<name>/results.json`, one per (recipe, seed): recipe, seed, steps, wall
+time, per-category scores, bias bins, the CPU and the precision.
+"""
+
+from __future__ import annotations
+
+from store import cli  # first: process defaults before torch loads (store/cli.py)
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from store.config import Config, ConfigError, load_config
+
+
+@dataclass
+class Run:
+    recipe: str
+    seed: int
+    config: str  # the recipe's config file
+    overrides: list[str]  # KEY=VALUE, the matrix's then the recipe's, then run_dir and seed
+
+    @property
+    def key(self) -> str:
+        return f"{self.recipe}-s{self.seed}"
+
+
+@dataclass
+class Matrix:
+    name: str
+    runs: list[Run]
+    jobs: int
+    eval_rows: int
+    out: Path
+
+    def run_dir(self, run: Run) -> Path:
+        return self.out / run.key
+
+
+def _overrides(values: dict) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def load_matrix(path: str | Path, only: list[str] | None = None) -> Matrix:
+    """Parse and check a matrix file: every recipe's config must load (errors name the recipe)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"matrix file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    allowed = {"name", "base", "seeds", "jobs", "eval_rows", "set", "recipes", "out"}
+    if unknown := set(raw) - allowed:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    if not raw.get("recipes"):
+        raise ConfigError(f"{path}: no recipes")
+    name = raw.get("name", path.stem)
+    out = Path(raw.get("out", f"runs/matrices/{name}"))
+    shared = _overrides(raw.get("set") or {})
+    runs = []
+    for recipe, spec in raw["recipes"].items():
+        if only and recipe not in only:
+            continue
+        spec = dict(spec or {})
+        config = spec.pop("config", raw.get("base", "configs/default.yaml"))
+        for seed in raw.get("seeds", [0]):
+            run = Run(recipe, int(seed), str(config), shared + _overrides(spec))
+            run.overrides += [f"run_dir={out / run.key}", f"seed={seed}"]
+            try:
+                load_config(run.config, run.overrides)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: recipe {recipe!r}: {err}") from None
+            runs.append(run)
+    if only and (missing := set(only) - {r.recipe for r in runs}):
+        raise ConfigError(f"{path}: no recipes named {sorted(missing)}")
+    return Matrix(name, runs, int(raw.get("jobs", 1)), int(raw.get("eval_rows", 256)), out)
+
+
+# -- one run (in its own process) --------------------------------------------------------
+
+def train_and_score(config: Config, eval_rows: int) -> dict:
+    """Train one run (resuming), score it on `eval_rows` held-out prompts; the run's record."""
+    from sample.eval import run_eval
+    from store.hardware import detect
+    from train.run import run_train
+
+    summary = run_train(config, progress=False)
+    result = run_eval(config, limit=eval_rows, progress=False, references=("model", "ceiling"))
+    curves = json.loads((config.run_path / "logs" / "curves.json").read_text())
+    model, bias = result["scores"]["model"], result["biases"]["model"]
+    return {
+        "steps": summary["steps"],
+        "train_seconds": curves["loss"][-1][1] if curves["loss"] else round(summary["seconds"], 1),
+        "overall": model["overall"], "categories": model["categories"], "images": model["images"],
+        "ceiling": result["scores"]["ceiling"]["overall"],
+        "bias_bins": [{"range": b["range"], "mean": b["mean"], "count": b["count"]} for b in bias["bins"]],
+        "final_loss": summary["loss"], "parameters": summary["parameters"],
+        "precision": summary["precision"], "hardware": detect("cpu").describe(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+    }
+
+
+def run_one(matrix_path: str, recipe: str, seed: int) -> int:
+    matrix = load_matrix(matrix_path, only=[recipe])
+    run = next(r for r in matrix.runs if r.seed == seed)
+    config = load_config(run.config, run.overrides)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    started = time.time()
+    record = {"recipe": run.recipe, "seed": run.seed, "config": run.config, "overrides": run.overrides[:-2],
+              **train_and_score(config, matrix.eval_rows), "wall_seconds": None}
+    record["wall_seconds"] = round(time.time() - started, 1)  # this process: the rest of training + scoring
+    (config.run_path / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+# -- the matrix --------------------------------------------------------------------------
+
+def collect(matrix: Matrix) -> list[dict]:
+    """Every finished run's record, in the matrix's order."""
+    records = []
+    for run in matrix.runs:
+        path = matrix.run_dir(run) / "result.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def summary_table(records: list[dict]) -> str:
+    """One line per recipe: seeds, mean overall, its range over seeds, mean steps."""
+    by_recipe: dict[str, list[dict]] = {}
+    for record in records:
+        by_recipe.setdefault(record["recipe"], []).append(record)
+    lines = [f"{'recipe':<28}{'seeds':>6}{'overall':>9}{'min':>7}{'max':>7}{'steps':>7}"]
+    for recipe, group in by_recipe.items():
+        scores = [r["overall"] for r in group]
+        steps = sum(r["steps"] for r in group) / len(group)
+        lines.append(f"{recipe:<28}{len(group):>6}{sum(scores) / len(scores):>9.3f}{min(scores):>7.3f}"
+                     f"{max(scores):>7.3f}{steps:>7.0f}")
+    return "\n".join(lines)
+
+
+def run_matrix(matrix: Matrix, matrix_path: str, jobs: int | None = None) -> list[dict]:
+    jobs = max(1, jobs or matrix.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = [r for r in matrix.runs if not (matrix.run_dir(r) / "result.json").is_file()]
+    done = len(matrix.runs) - len(todo)
+    print(f"matrix {matrix.name}: {len(matrix.runs)} runs, {done} already finished, {len(todo)} to go; "
+          f"{jobs} at a time with {threads} threads each; results in {matrix.out}", flush=True)
+    running: list[tuple[Run, subprocess.Popen, float]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            run = todo.pop(0)
+            folder = matrix.run_dir(run)
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "matrix.log", "a")
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            process = subprocess.Popen([sys.executable, "-m", "train.matrix", matrix_path, "--one",
+                                        run.recipe, str(run.seed)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            log.close()
+            running.append((run, process, time.time()))
+            print(f"  started {run.key} (log: {folder / 'matrix.log'})", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            run, process, started = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            done += 1
+            if process.returncode == 0:
+                record = json.loads((matrix.run_dir(run) / "result.json").read_text())
+                print(f"  [{done}/{len(matrix.runs)}] {run.key}: overall {record['overall']:.3f} after "
+                      f"{record['steps']} steps ({time.time() - started:.0f} s)", flush=True)
+            else:
+                failed.append(run.key)
+                print(f"  [{done}/{len(matrix.runs)}] {run.key}: FAILED (exit {process.returncode}); "
+                      f"see {matrix.run_dir(run) / 'matrix.log'}", flush=True)
+    records = collect(matrix)
+    (matrix.out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    print(summary_table(records))
+    print(f"matrix {matrix.name}: {len(records)} of {len(matrix.runs)} runs finished"
+          + (f", {len(failed)} failed: {', '.join(failed)}" if failed else "")
+          + f"; records in {matrix.out / 'results.json'}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.matrix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("matrix", help="the matrix file (YAML)")
+    parser.add_argument("--jobs", type=int, help="runs at once (default: the file's `jobs`)")
+    parser.add_argument("--only", nargs="+", metavar="RECIPE", help="run these recipes only")
+    parser.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cli.quiet_libraries()
+    try:
+        if args.one:
+            return run_one(args.matrix, args.one[0], int(args.one[1]))
+        matrix = load_matrix(args.matrix, args.only)
+        records = run_matrix(matrix, args.matrix, args.jobs)
+    except ConfigError as err:
+        print(f"matrix: error: {err}", file=sys.stderr)
+        return 2
+    return 0 if len(records) == len(matrix.runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
