@@ -124,6 +124,8 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             "categories": {c: sum(r["categories"].get(c, 0.0) for r in group) / len(group)
                            for c in CATEGORIES if c in group[0]["categories"]},
             "bias_bins": bins,
+            "heldout_loss": (sum(r["heldout_loss"] for r in group) / len(group)
+                             if all("heldout_loss" in r for r in group) else None),
         }
     return out
 
@@ -200,19 +202,21 @@ def write_report(records: list[dict], docs: Path) -> Path:
 
 
 def comparison(records: list[dict], baseline: str) -> str:
-    """A markdown table of every recipe against `baseline`: steps, overall, categories,
-    and the difference of pooled scores with its 95% interval (the recipe study)."""
+    """A markdown table of every recipe against `baseline`: steps, overall, the difference
+    of pooled scores with its 95% interval, the held-out loss (train/matrix.py) and the
+    categories (the recipe study)."""
     stats = aggregate(records)
     if baseline not in stats:
         raise KeyError(f"no runs of the baseline recipe {baseline!r}")
     categories = list(stats[baseline]["categories"])
-    lines = ["| recipe | seeds | steps | overall | 95% | vs " + baseline + " (95%) | "
-             + " | ".join(categories) + " |", "|---" * (5 + len(categories)) + "|"]
+    lines = ["| recipe | seeds | steps | overall | 95% | vs " + baseline + " (95%) | held-out loss | "
+             + " | ".join(categories) + " |", "|---" * (7 + len(categories)) + "|"]
     for recipe, s in stats.items():
         _, diff, interval = verdict(Claim("", recipe, baseline, ">"), stats)
         versus = "-" if recipe == baseline else f"{diff:+.3f} ({interval[0]:+.3f} to {interval[1]:+.3f})"
+        loss = "-" if s["heldout_loss"] is None else f"{s['heldout_loss']:.4f}"
         lines.append(f"| {recipe} | {len(s['seeds'])} | {s['steps']:.0f} | {s['mean']:.3f} | "
-                     f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {versus} | "
+                     f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {versus} | {loss} | "
                      + " | ".join(f"{s['categories'][c]:.2f}" for c in categories) + " |")
     return "\n".join(lines)
 

@@ -178,3 +178,21 @@ def test_objective_options_are_reachable_from_the_config(override, attribute, va
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", override)
     assert getattr(objective_from_config(config.train), attribute) == value
+
+
+@pytest.mark.parametrize("name", ["flow", "eps"])
+def test_at_times_is_training_noising_at_given_times(name):
+    """The held-out loss's fixed draws (train/matrix.py) noise exactly as training does."""
+    objective = make_objective(name)
+    x0 = torch.randn(3, 4, 8, 8)
+    t, noise = torch.tensor([0.1, 0.5, 0.9]), torch.randn(3, 4, 8, 8)
+    x_t, t_net, target = objective.at_times(x0, t, noise)
+    assert torch.allclose(t_net, torch.tensor([100.0, 500.0, 900.0]))
+    if name == "flow":
+        tv = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - tv) * x0 + tv * noise)
+        torch.testing.assert_close(target, noise - x0)
+    else:
+        alpha, sigma = objective.alpha_sigma(t_net.long())
+        torch.testing.assert_close(x_t, alpha.float().view(-1, 1, 1, 1) * x0 + sigma.float().view(-1, 1, 1, 1) * noise)
+        assert torch.equal(target, noise)

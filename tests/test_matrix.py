@@ -80,6 +80,7 @@ def test_matrix_trains_scores_resumes_and_reports(tiny_cache, tmp_path, capsys):
                                                                                    ("both", 0, 3, 4)]
     for record in records:
         assert set(record["categories"]) and len(record["bias_bins"]) == 4 and record["ceiling"] == 1.0
+        assert 0 < record["heldout_loss"] < 10
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == records
     first = (tmp_path / "out" / "both-s0" / "result.json").stat().st_mtime
     assert run_matrix(load_matrix(path), str(path)) == records  # finished runs are skipped

@@ -41,6 +41,12 @@ class Objective(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x0 [B, C, H, W] -> (x_t [B, C, H, W], t_net [B] float, target [B, C, H, W])."""
 
+    @abstractmethod
+    def at_times(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training's noising at given times t [B] in (0, 1) and noise [B, C, H, W] (no draws)."""
+
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean squared error in fp32, whatever precision the network ran in."""
         return F.mse_loss(prediction.float(), target.float())
@@ -88,6 +94,13 @@ class EpsilonObjective(Objective):
         abar = self.alphas_cumprod[steps.long().cpu()]
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def at_times(self, x0, t, noise):
+        """Fixed draws: t [B] in (0, 1) -> the step round(t * num_steps); as sample_training."""
+        steps = (t * self.num_steps).round().clamp(0, self.num_steps - 1).long()
+        alpha, sigma = self.alpha_sigma(steps)
+        x_t = _per_sample(alpha, x0) * x0.float() + _per_sample(sigma, x0) * noise
+        return x_t, steps.float(), noise
+
     def sample_training(self, x0, generator=None):
         steps = torch.randint(
             0, self.num_steps, (x0.shape[0],), generator=generator, device=x0.device
@@ -128,12 +141,16 @@ class FlowObjective(Objective):
         normal = torch.randn(batch, generator=generator, device=device)
         return torch.sigmoid(self.logit_mean + self.logit_std * normal)
 
-    def sample_training(self, x0, generator=None):
-        t = self.sample_time(x0.shape[0], x0.device, generator)  # [B]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    def at_times(self, x0, t, noise):
+        """Fixed draws: t [B] in (0, 1) and the noise given; as sample_training."""
         x0 = x0.float()
         x_t = (1 - _per_sample(t, x0)) * x0 + _per_sample(t, x0) * noise
         return x_t, self.network_time(t), noise - x0
+
+    def sample_training(self, x0, generator=None):
+        t = self.sample_time(x0.shape[0], x0.device, generator)  # [B]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        return self.at_times(x0, t, noise)
 
 
 OBJECTIVES = {"eps": EpsilonObjective, "flow": FlowObjective}

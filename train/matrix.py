@@ -19,7 +19,8 @@ Each (recipe, seed) trains with `python -m train`'s code and is scored by `make 
 process, with its log in `<run>/matrix.log`. It is resumable at two levels: a run with a
 `result.json` is skipped, and an interrupted run resumes from its `last.ckpt`. All records
 go to `runs/matrices/<name>/results.json`, one per (recipe, seed): recipe, seed, steps, wall
-time, per-category scores, bias bins, the CPU and the precision.
+time, per-category scores, bias bins, the held-out loss at fixed times and noise (the same
+draws for every run: `heldout_loss`), the CPU and the precision.
 """
 
 from __future__ import annotations
@@ -102,6 +103,39 @@ def load_matrix(path: str | Path, only: list[str] | None = None) -> Matrix:
 
 # -- one run (in its own process) --------------------------------------------------------
 
+HELDOUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0) -> float:
+    """The exported EMA model's training loss on the first `rows` held-out rows, at fixed
+    times (HELDOUT_TIMES) and fixed noise: the same draws for every recipe and seed, so two
+    runs compare without the noise of random timesteps (a low-variance companion to ShapeEval)."""
+    import numpy as np
+    import torch
+
+    from store.reader import CacheReader
+    from train.export import load_exported
+
+    exported = load_exported(config.run_path / "checkpoints", ema=True)
+    names = [e["name"] for e in exported.encoders]
+    reader = CacheReader(config.cache_path, encoders=names)
+    held_out = np.flatnonzero(reader.column("split") == "eval")[:rows].tolist()
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(held_out), batch_size):
+            batch = reader.take(held_out[start:start + batch_size])
+            x0 = batch["latents"]
+            features = [batch["text"][n].states for n in names]
+            masks = [batch["text"][n].mask for n in names]
+            for t in HELDOUT_TIMES:
+                noise = torch.randn(x0.shape, generator=generator)
+                x_t, t_net, target = exported.objective.at_times(x0, torch.full((len(x0),), t), noise)
+                loss = exported.objective.loss(exported.model(x_t, t_net, features, masks), target)
+                total, count = total + loss.item() * len(x0), count + len(x0)
+    return total / count
+
+
 def train_and_score(config: Config, eval_rows: int) -> dict:
     """Train one run (resuming), score it on `eval_rows` held-out prompts; the run's record."""
     from sample.eval import run_eval
@@ -111,6 +145,7 @@ def train_and_score(config: Config, eval_rows: int) -> dict:
     summary = run_train(config, progress=False)
     result = run_eval(config, limit=eval_rows, progress=False, references=("model", "ceiling"))
     curves = json.loads((config.run_path / "logs" / "curves.json").read_text())
+    held_out = heldout_loss(config, eval_rows)
     model, bias = result["scores"]["model"], result["biases"]["model"]
     return {
         "steps": summary["steps"],
@@ -118,7 +153,7 @@ def train_and_score(config: Config, eval_rows: int) -> dict:
         "overall": model["overall"], "categories": model["categories"], "images": model["images"],
         "ceiling": result["scores"]["ceiling"]["overall"],
         "bias_bins": [{"range": b["range"], "mean": b["mean"], "count": b["count"]} for b in bias["bins"]],
-        "final_loss": summary["loss"], "parameters": summary["parameters"],
+        "final_loss": summary["loss"], "heldout_loss": held_out, "parameters": summary["parameters"],
         "precision": summary["precision"], "hardware": detect("cpu").describe(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     }
@@ -153,17 +188,29 @@ def collect(matrix: Matrix) -> list[dict]:
     return records
 
 
+def backfill_heldout_loss(matrix: Matrix) -> None:
+    """Add `heldout_loss` to finished runs recorded before it existed (from their exports)."""
+    for run in matrix.runs:
+        path = matrix.run_dir(run) / "result.json"
+        if path.is_file() and "heldout_loss" not in (record := json.loads(path.read_text())):
+            record["heldout_loss"] = heldout_loss(load_config(run.config, run.overrides), matrix.eval_rows)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            print(f"  {run.key}: held-out loss {record['heldout_loss']:.4f} added", flush=True)
+
+
 def summary_table(records: list[dict]) -> str:
     """One line per recipe: seeds, mean overall, its range over seeds, mean steps."""
     by_recipe: dict[str, list[dict]] = {}
     for record in records:
         by_recipe.setdefault(record["recipe"], []).append(record)
-    lines = [f"{'recipe':<28}{'seeds':>6}{'overall':>9}{'min':>7}{'max':>7}{'steps':>7}"]
+    lines = [f"{'recipe':<28}{'seeds':>6}{'overall':>9}{'min':>7}{'max':>7}{'steps':>7}{'held-out loss':>15}"]
     for recipe, group in by_recipe.items():
         scores = [r["overall"] for r in group]
         steps = sum(r["steps"] for r in group) / len(group)
+        losses = [r["heldout_loss"] for r in group if "heldout_loss" in r]
+        loss = f"{sum(losses) / len(losses):>15.4f}" if losses else f"{'-':>15}"
         lines.append(f"{recipe:<28}{len(group):>6}{sum(scores) / len(scores):>9.3f}{min(scores):>7.3f}"
-                     f"{max(scores):>7.3f}{steps:>7.0f}")
+                     f"{max(scores):>7.3f}{steps:>7.0f}{loss}")
     return "\n".join(lines)
 
 
@@ -203,6 +250,7 @@ def run_matrix(matrix: Matrix, matrix_path: str, jobs: int | None = None) -> lis
                 failed.append(run.key)
                 print(f"  [{done}/{len(matrix.runs)}] {run.key}: FAILED (exit {process.returncode}); "
                       f"see {matrix.run_dir(run) / 'matrix.log'}", flush=True)
+    backfill_heldout_loss(matrix)
     records = collect(matrix)
     (matrix.out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(summary_table(records))
