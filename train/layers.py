@@ -168,8 +168,7 @@ class Mlp(nn.Module):
         if self.conv is not None:
             if hw is None or hw[0] * hw[1] != x.shape[1]:
                 raise ValueError(f"Mlp with conv: {x.shape[1]} tokens do not form the grid {hw}")
-            B, N, C = x.shape
-            grid = x.transpose(1, 2).reshape(B, C, *hw)  # [B, hidden, h, w]
+            grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw)  # [B, hidden, h, w]
             x = self.conv(grid).flatten(2).transpose(1, 2)  # [B, N, hidden]
         return self.fc2(self.act(x))
 

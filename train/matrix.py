@@ -55,7 +55,8 @@ class Run:
 @dataclass
 class Matrix:
     name: str
-    runs: list[Run]
+    runs: list[Run]  # the ones asked for (--only, --seeds)
+    recipes: list[str]  # every recipe of the file, in its order
     jobs: int
     eval_rows: int
     out: Path
@@ -68,7 +69,7 @@ def _overrides(values: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def load_matrix(path: str | Path, only: list[str] | None = None) -> Matrix:
+def load_matrix(path: str | Path, only: list[str] | None = None, seeds: list[int] | None = None) -> Matrix:
     """Parse and check a matrix file: every recipe's config must load (errors name the recipe)."""
     path = Path(path)
     if not path.is_file():
@@ -88,7 +89,7 @@ def load_matrix(path: str | Path, only: list[str] | None = None) -> Matrix:
             continue
         spec = dict(spec or {})
         config = spec.pop("config", raw.get("base", "configs/default.yaml"))
-        for seed in raw.get("seeds", [0]):
+        for seed in seeds if seeds is not None else raw.get("seeds", [0]):
             run = Run(recipe, int(seed), str(config), shared + _overrides(spec))
             run.overrides += [f"run_dir={out / run.key}", f"seed={seed}"]
             try:
@@ -98,7 +99,7 @@ def load_matrix(path: str | Path, only: list[str] | None = None) -> Matrix:
             runs.append(run)
     if only and (missing := set(only) - {r.recipe for r in runs}):
         raise ConfigError(f"{path}: no recipes named {sorted(missing)}")
-    return Matrix(name, runs, int(raw.get("jobs", 1)), int(raw.get("eval_rows", 256)), out)
+    return Matrix(name, runs, list(raw["recipes"]), int(raw.get("jobs", 1)), int(raw.get("eval_rows", 256)), out)
 
 
 # -- one run (in its own process) --------------------------------------------------------
@@ -160,7 +161,7 @@ def train_and_score(config: Config, eval_rows: int) -> dict:
 
 
 def run_one(matrix_path: str, recipe: str, seed: int) -> int:
-    matrix = load_matrix(matrix_path, only=[recipe])
+    matrix = load_matrix(matrix_path, only=[recipe], seeds=[seed])
     run = next(r for r in matrix.runs if r.seed == seed)
     config = load_config(run.config, run.overrides)
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -179,13 +180,11 @@ def run_one(matrix_path: str, recipe: str, seed: int) -> int:
 # -- the matrix --------------------------------------------------------------------------
 
 def collect(matrix: Matrix) -> list[dict]:
-    """Every finished run's record, in the matrix's order."""
-    records = []
-    for run in matrix.runs:
-        path = matrix.run_dir(run) / "result.json"
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
-    return records
+    """Every finished run's record in the matrix's folder (also those --only or --seeds left
+    out this time), in the file's recipe order, then by seed."""
+    records = [json.loads(p.read_text()) for p in matrix.out.glob("*/result.json")]
+    records = [r for r in records if r["recipe"] in matrix.recipes]
+    return sorted(records, key=lambda r: (matrix.recipes.index(r["recipe"]), r["seed"]))
 
 
 def backfill_heldout_loss(matrix: Matrix) -> None:
@@ -228,11 +227,10 @@ def run_matrix(matrix: Matrix, matrix_path: str, jobs: int | None = None) -> lis
             run = todo.pop(0)
             folder = matrix.run_dir(run)
             folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "matrix.log", "a")
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            process = subprocess.Popen([sys.executable, "-m", "train.matrix", matrix_path, "--one",
-                                        run.recipe, str(run.seed)], stdout=log, stderr=subprocess.STDOUT, env=env)
-            log.close()
+            with open(folder / "matrix.log", "a") as log:  # the child keeps its own descriptor
+                process = subprocess.Popen([sys.executable, "-m", "train.matrix", matrix_path, "--one", run.recipe,
+                                            str(run.seed)], stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((run, process, time.time()))
             print(f"  started {run.key} (log: {folder / 'matrix.log'})", flush=True)
         time.sleep(2)
@@ -254,7 +252,8 @@ def run_matrix(matrix: Matrix, matrix_path: str, jobs: int | None = None) -> lis
     records = collect(matrix)
     (matrix.out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(summary_table(records))
-    print(f"matrix {matrix.name}: {len(records)} of {len(matrix.runs)} runs finished"
+    finished = sum((matrix.run_dir(r) / "result.json").is_file() for r in matrix.runs)
+    print(f"matrix {matrix.name}: {finished} of {len(matrix.runs)} runs finished"
           + (f", {len(failed)} failed: {', '.join(failed)}" if failed else "")
           + f"; records in {matrix.out / 'results.json'}")
     return records
@@ -266,18 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("matrix", help="the matrix file (YAML)")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the file's `jobs`)")
     parser.add_argument("--only", nargs="+", metavar="RECIPE", help="run these recipes only")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="these seeds instead of the file's")
     parser.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cli.quiet_libraries()
     try:
         if args.one:
             return run_one(args.matrix, args.one[0], int(args.one[1]))
-        matrix = load_matrix(args.matrix, args.only)
-        records = run_matrix(matrix, args.matrix, args.jobs)
+        matrix = load_matrix(args.matrix, args.only, args.seeds)
+        run_matrix(matrix, args.matrix, args.jobs)
     except ConfigError as err:
         print(f"matrix: error: {err}", file=sys.stderr)
         return 2
-    return 0 if len(records) == len(matrix.runs) else 1
+    return 0 if all((matrix.run_dir(r) / "result.json").is_file() for r in matrix.runs) else 1
 
 
 if __name__ == "__main__":
