@@ -2,9 +2,10 @@
 
 Reads the records `python -m train.matrix configs/matrices/ablations.yaml` wrote (one per
 recipe and seed) and lays them out as the paper's tables: per recipe the mean ShapeEval
-score over seeds, its spread (min-max over seeds) and a 95% Wilson interval on all of its
-images pooled. Each of the paper's claims (PAPER.md, "Evaluation in the paper") is judged
-from the difference of two recipes' pooled scores and that difference's 95% interval:
+score over seeds, its spread (min-max over seeds) and a 95% interval from the binomial
+noise of the held-out prompts (`overall_variance`: the overall score is a mean of category
+accuracies). Each of the paper's claims (PAPER.md, "Evaluation in the paper") is judged
+from the difference of two recipes' mean scores and that difference's 95% interval:
 
 - a claim that A beats B: "reproduced" if the interval lies above 0, "contradicted" if
   below, else "cannot tell at this size";
@@ -92,35 +93,45 @@ TABLES = [
 BIAS_FIGURE = [("llm-alone", "LLM alone"), ("llm-refiner", "LLM + refiner"), ("t5-alone", "T5 role alone")]
 
 
-def wilson(successes: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def overall_variance(record: dict) -> float:
+    """Binomial variance of one run's overall score, the mean of K category accuracies:
+    sum_k p_k (1 - p_k) / n_k / K^2, each p_k Agresti-Coull adjusted ((x + 2) / (n + 4)),
+    which keeps a 0 or 1 accuracy from claiming no uncertainty."""
+    categories = record["categories"]
+    counts = record.get("counts") or {c: record["images"] / len(categories) for c in categories}
+    total = 0.0
+    for name, accuracy in categories.items():
+        n = counts[name]
+        adjusted = (accuracy * n + 2) / (n + 4)
+        total += adjusted * (1 - adjusted) / (n + 4)
+    return total / len(categories) ** 2
+
+
+def interval(mean: float, variance: float) -> tuple[float, float]:
+    half = Z95 * math.sqrt(variance)
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def aggregate(records: list[dict]) -> dict[str, dict]:
-    """Per recipe: seeds, mean and spread of the overall score, pooled successes and images."""
+    """Per recipe: seeds, mean and spread of the overall score over seeds, the binomial
+    variance of that mean (the held-out prompts' sampling noise) and its 95% interval."""
     by_recipe: dict[str, list[dict]] = {}
     for record in records:
         by_recipe.setdefault(record["recipe"], []).append(record)
     out = {}
     for recipe, group in by_recipe.items():
         scores = [r["overall"] for r in group]
-        successes = sum(round(r["overall"] * r["images"]) for r in group)
-        images = sum(r["images"] for r in group)
+        mean = sum(scores) / len(scores)
+        variance = sum(overall_variance(r) for r in group) / len(group) ** 2
         bins = []
         for i, bin_ in enumerate(group[0]["bias_bins"]):
             means = [r["bias_bins"][i]["mean"] for r in group if r["bias_bins"][i]["mean"] is not None]
             bins.append({"range": bin_["range"], "count": bin_["count"],
                          "mean": sum(means) / len(means) if means else None})
         out[recipe] = {
-            "seeds": sorted(r["seed"] for r in group), "mean": sum(scores) / len(scores),
-            "min": min(scores), "max": max(scores), "successes": successes, "images": images,
-            "interval": wilson(successes, images), "steps": sum(r["steps"] for r in group) / len(group),
+            "seeds": sorted(r["seed"] for r in group), "mean": mean, "min": min(scores), "max": max(scores),
+            "variance": variance, "interval": interval(mean, variance),
+            "images": sum(r["images"] for r in group), "steps": sum(r["steps"] for r in group) / len(group),
             "categories": {c: sum(r["categories"].get(c, 0.0) for r in group) / len(group)
                            for c in CATEGORIES if c in group[0]["categories"]},
             "bias_bins": bins,
@@ -131,13 +142,12 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
 
 
 def verdict(claim: Claim, stats: dict[str, dict]) -> tuple[str, float | None, tuple[float, float] | None]:
-    """(verdict, difference a - b of the pooled scores, its 95% interval) for one claim."""
+    """(verdict, difference a - b of the mean scores, its 95% interval) for one claim."""
     if claim.a not in stats or claim.b not in stats:
         return "not run", None, None
     a, b = stats[claim.a], stats[claim.b]
-    pa, pb = a["successes"] / a["images"], b["successes"] / b["images"]
-    diff = pa - pb
-    half = Z95 * math.sqrt(pa * (1 - pa) / a["images"] + pb * (1 - pb) / b["images"])
+    diff = a["mean"] - b["mean"]
+    half = Z95 * math.sqrt(a["variance"] + b["variance"])
     low, high = diff - half, diff + half
     if claim.relation == ">":
         text = "reproduced" if low > 0 else "contradicted" if high < 0 else "cannot tell at this size"
@@ -156,9 +166,9 @@ def render(stats: dict[str, dict], records: list[dict], machine: str, notes: str
              "Generated by `python -m sample.ablations` from the runs of `make ablations`",
              "(configs/matrices/ablations.yaml; raw records in docs/ablations.json). Each score is",
              "ShapeEval overall (sample/shapeeval.py, EMA weights, the default sampler) on the first",
-             "held-out prompts; **mean** over seeds, **spread** = min-max over seeds, **95%** = Wilson",
-             "interval on all seeds' images pooled. A claim is judged on the difference of two recipes'",
-             "pooled scores and its 95% interval (module docstring).", "",
+             "held-out prompts; **mean** over seeds, **spread** = min-max over seeds, **95%** = the",
+             "interval from the prompts' binomial noise (sample/ablations.py). A claim is judged on the",
+             "difference of two recipes' means and its 95% interval (the module's docstring).", "",
              f"Runs: {len(records)} ({len({r['recipe'] for r in records})} recipes). Machine: {machine}.", ""]
     for table in TABLES:
         lines += [f"## {table.title}", "", f"Baseline: {table.baseline}.", "",
@@ -203,7 +213,7 @@ def write_report(records: list[dict], docs: Path) -> Path:
 
 def comparison(records: list[dict], baseline: str) -> str:
     """A markdown table of every recipe against `baseline`: steps, overall, the difference
-    of pooled scores with its 95% interval, the held-out loss (train/matrix.py) and the
+    of mean scores with its 95% interval, the held-out loss (train/matrix.py) and the
     categories (the recipe study)."""
     stats = aggregate(records)
     if baseline not in stats:

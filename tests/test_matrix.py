@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sample.ablations import TABLES, Claim, aggregate, verdict, wilson, write_report
+from sample.ablations import TABLES, Claim, aggregate, verdict, write_report
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
 
@@ -48,11 +48,21 @@ def test_a_broken_recipe_is_named(tmp_path):
         load_matrix(path)
 
 
-def test_wilson_interval_and_claim_verdicts():
-    low, high = wilson(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    stats = {name: {"successes": k, "images": 1000} for name, k in
-             {"strong": 300, "weak": 100, "same": 302, "close": 120}.items()}
+def _record(recipe: str, accuracy: float, seed: int = 0, n: int = 500) -> dict:
+    bins = [{"range": [0.0, 0.25], "mean": accuracy, "count": 10}]
+    return {"recipe": recipe, "seed": seed, "overall": accuracy, "steps": 10, "images": 2 * n, "bias_bins": bins,
+            "categories": {"single_object": accuracy, "colors": accuracy}, "counts": {"single_object": n, "colors": n}}
+
+
+def test_interval_of_the_category_mean_and_claim_verdicts():
+    stats = aggregate([_record("half", 0.5, n=100)])
+    low, high = stats["half"]["interval"]  # two categories of 100 at 0.5: sd 0.5 / sqrt(208)
+    assert low == pytest.approx(0.5 - 1.96 * 0.5 / 208**0.5, abs=1e-3) and high == pytest.approx(1 - low, abs=1e-6)
+    assert aggregate([_record("zero", 0.0)])["zero"]["interval"][1] > 0  # no false certainty at 0
+    two_seeds = aggregate([_record("a", 0.2, 0), _record("a", 0.4, 1)])["a"]
+    assert two_seeds["mean"] == pytest.approx(0.3) and (two_seeds["min"], two_seeds["max"]) == (0.2, 0.4)
+    stats = aggregate([_record(name, accuracy) for name, accuracy in
+                       {"strong": 0.30, "weak": 0.10, "same": 0.302, "close": 0.12}.items()])
     assert verdict(Claim("", "strong", "weak", ">"), stats)[0] == "reproduced"
     assert verdict(Claim("", "weak", "strong", ">"), stats)[0] == "contradicted"
     assert verdict(Claim("", "close", "weak", ">"), stats)[0] == "cannot tell at this size"
@@ -95,4 +105,4 @@ def test_matrix_trains_scores_resumes_and_reports(tiny_cache, tmp_path, capsys):
     text = (docs / "ABLATIONS.md").read_text()
     assert "| t5-alone | T5 role (MiniLM), no refiner | 1 | 3 |" in text and text.endswith("kept by hand\n")
     assert (docs / "figures" / "ablations_positional_bias.png").stat().st_size > 1000
-    assert aggregate(records)["llm-alone"]["images"] == 4
+    assert aggregate(records)["llm-alone"]["images"] == 4 and set(records[0]["counts"]) == set(records[0]["categories"])

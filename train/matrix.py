@@ -151,11 +151,12 @@ def train_and_score(config: Config, eval_rows: int) -> dict:
     return {
         "steps": summary["steps"],
         "train_seconds": curves["loss"][-1][1] if curves["loss"] else round(summary["seconds"], 1),
-        "overall": model["overall"], "categories": model["categories"], "images": model["images"],
+        "overall": model["overall"], "categories": model["categories"], "counts": model["counts"],
+        "images": model["images"],
         "ceiling": result["scores"]["ceiling"]["overall"],
         "bias_bins": [{"range": b["range"], "mean": b["mean"], "count": b["count"]} for b in bias["bins"]],
         "final_loss": summary["loss"], "heldout_loss": held_out, "parameters": summary["parameters"],
-        "precision": summary["precision"], "hardware": detect("cpu").describe(),
+        "precision": summary["precision"], "hardware": detect("auto").describe(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     }
 
@@ -171,8 +172,8 @@ def run_one(matrix_path: str, recipe: str, seed: int) -> int:
         torch.set_num_threads(int(threads))
     started = time.time()
     record = {"recipe": run.recipe, "seed": run.seed, "config": run.config, "overrides": run.overrides[:-2],
-              **train_and_score(config, matrix.eval_rows), "wall_seconds": None}
-    record["wall_seconds"] = round(time.time() - started, 1)  # this process: the rest of training + scoring
+              **train_and_score(config, matrix.eval_rows)}
+    record["wall_seconds"] = round(time.time() - started, 1)  # this process: (the rest of) training + scoring
     (config.run_path / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
@@ -187,14 +188,20 @@ def collect(matrix: Matrix) -> list[dict]:
     return sorted(records, key=lambda r: (matrix.recipes.index(r["recipe"]), r["seed"]))
 
 
-def backfill_heldout_loss(matrix: Matrix) -> None:
-    """Add `heldout_loss` to finished runs recorded before it existed (from their exports)."""
+def backfill(matrix: Matrix) -> None:
+    """Add what finished runs recorded before it existed: `heldout_loss` (from their exported
+    weights) and the category `counts` (from their eval/shapeeval.json)."""
     for run in matrix.runs:
         path = matrix.run_dir(run) / "result.json"
-        if path.is_file() and "heldout_loss" not in (record := json.loads(path.read_text())):
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        if "counts" not in record:
+            record["counts"] = json.loads((matrix.run_dir(run) / "eval" / "shapeeval.json").read_text())["model"]["counts"]
+        if "heldout_loss" not in record:
             record["heldout_loss"] = heldout_loss(load_config(run.config, run.overrides), matrix.eval_rows)
-            path.write_text(json.dumps(record, indent=2) + "\n")
             print(f"  {run.key}: held-out loss {record['heldout_loss']:.4f} added", flush=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def summary_table(records: list[dict]) -> str:
@@ -248,7 +255,7 @@ def run_matrix(matrix: Matrix, matrix_path: str, jobs: int | None = None) -> lis
                 failed.append(run.key)
                 print(f"  [{done}/{len(matrix.runs)}] {run.key}: FAILED (exit {process.returncode}); "
                       f"see {matrix.run_dir(run) / 'matrix.log'}", flush=True)
-    backfill_heldout_loss(matrix)
+    backfill(matrix)
     records = collect(matrix)
     (matrix.out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     print(summary_table(records))
