@@ -78,7 +78,7 @@ def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "tiny", "base": str(base), "out": str(tmp_path / "out"), "seeds": [0], "jobs": 2, "eval_rows": 4,
         "set": {"train.steps": 3}, "recipes": {"llm-alone": {"model.encoders": ["llm"], "model.refiner_depth": 0},
-                                              "both": {}}}))
+                                              "both": {}}}, sort_keys=False))  # the file's recipe order
     return path
 
 

@@ -196,6 +196,8 @@ def backfill(matrix: Matrix) -> None:
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
+        if "counts" in record and "heldout_loss" in record:
+            continue
         if "counts" not in record:
             record["counts"] = json.loads((matrix.run_dir(run) / "eval" / "shapeeval.json").read_text())["model"]["counts"]
         if "heldout_loss" not in record:
