@@ -15,6 +15,9 @@ from the difference of two recipes' mean scores and that difference's 95% interv
 Also draws the positional-bias curves of the LLM alone, the LLM with the refiner and the
 T5-role encoder (docs/figures/ablations_positional_bias.png). Text below the line
 `<!-- notes -->` in an existing ABLATIONS.md is kept.
+
+`--compare RECIPE --results runs/matrices/recipe/results.json` prints instead a table of
+every recipe of any matrix against one of them (docs/RESULTS.md's recipe study).
 """
 
 from __future__ import annotations
