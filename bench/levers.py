@@ -7,12 +7,15 @@ real cached batches, as a bare loop, against one lever at a time:
   - torch.compile (inductor) of the model, its compile time reported apart;
   - the batch size (16, 32, 64): samples/s;
   - torch threads (1 against the machine's cores);
-  - the LI-DiT FFN's depthwise conv (`model.mlp_conv`), as the recipe study pays for it.
+  - the LI-DiT FFN's depthwise conv (`model.mlp_conv`), as the recipe study pays for it;
+and then, since the bare loop runs fp32 whatever the CPU, the Lightning step (what `make
+train` runs, at the precision `auto` resolves to) against itself with one lever at a time:
+batch 16 and 64, and each fixed precision (32-true, bf16-mixed).
 Each variant runs `--steps` timed steps after `--warmup` untimed ones, in its own spawned
 process (so one variant's threads or compiled code cannot leak into the next). A discarded
 first run warms the page cache; the reference is timed first and again last.
 
-    python bench/levers.py [--config configs/default.yaml] [--steps 15] [--warmup 3] [--json]
+    python bench/levers.py [--config configs/default.yaml] [--steps 15] [--warmup 3] [--lightning-only] [--json]
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def main() -> int:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens here)")
+    parser.add_argument("--lightning-only", action="store_true", help="skip the bare-loop part")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -93,6 +97,16 @@ def main() -> int:
     print(f"{args.config}: {args.steps} timed steps after {args.warmup}, on {detect('cpu').describe()}, "
           f"{cores} cores")
     results: dict = {"config": args.config, "steps": args.steps, "cpu": detect("cpu").describe()}
+    if not args.lightning_only:
+        bare_part(args, cores, results)
+    lightning_part(args, results)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def bare_part(args, cores: int, results: dict) -> None:
+    """The fp32 bare loop against one lever at a time; ratios `*_over_bare`."""
     # The first process reads the cache from disk; a discarded run warms the page cache, and the
     # reference is timed first and last (their mean is the reference; both are printed).
     in_own_process(bare_loop, args.config, 2, 1)
@@ -129,9 +143,37 @@ def main() -> int:
           f"first, the JSON's over their mean {base:.1f}")
     for key in [k for k in results if k.endswith("_over_bare")]:
         results[key] *= first / base
-    if args.json:
-        print(json.dumps(results))
-    return 0
+
+
+def lightning_part(args, results: dict) -> None:
+    """The Lightning step at `auto` precision against one lever at a time; `*_over_lightning`."""
+    from store.config import load_config
+    from store.hardware import detect, train_precision
+
+    auto = train_precision(load_config(args.config).train.precision, detect("auto"))
+    print(f"the Lightning step, precision {auto} (auto), {args.steps} timed steps after {args.warmup}:")
+    in_own_process(measure_side, args.config, "cached", 2, 1)  # warms the page cache
+    first = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)["samples_per_s"]
+    print(f"{'Lightning step (the reference)':<44} {first:>8.1f} samples/s {1.0:>6.2f}x", flush=True)
+    speeds = {}
+    for label, key, overrides in (
+            ("batch 16", "batch_16", ("train.batch_size=16",)),
+            ("batch 64", "batch_64", ("train.batch_size=64",)),
+            ("train.precision: 32-true", "fp32", ("train.precision=32-true",)),
+            ("train.precision: bf16-mixed", "bf16", ("train.precision=bf16-mixed",))):
+        if key == "bf16" and "bf16" not in auto:
+            print(f"{label:<44} skipped: no native bf16 here (bench/train.py part 5 times it)")
+            continue
+        speeds[key] = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup,
+                                     overrides)["samples_per_s"]
+        print(f"{label:<44} {speeds[key]:>8.1f} samples/s {speeds[key] / first:>6.2f}x", flush=True)
+    last = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)["samples_per_s"]
+    base = results["lightning_samples_per_s"] = (first + last) / 2
+    results["lightning_precision"] = auto
+    print(f"reference again, last: {last:.1f} samples/s (first {first:.1f}); the JSON's ratios are over their "
+          f"mean {base:.1f}")
+    for key, speed in speeds.items():
+        results[f"{key}_over_lightning"] = speed / base
 
 
 if __name__ == "__main__":

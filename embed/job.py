@@ -30,6 +30,7 @@ from embed.codecs import PixelCodec, make_codec
 from embed.encoder import EncodedCaption, blocks_to_run, build_encoder, model_num_blocks, resolve_model_path
 from embed.shapes import world_spec
 from embed.sources import list_items, load_item
+from store.cli import stderr_without
 from store.config import Config, ConfigError, EncoderConfig
 from store.schema import tensor_to_bytes
 from store.writer import CacheWriter, read_meta
@@ -239,6 +240,9 @@ def with_resolved_dtypes(config: Config, identities: list[dict]) -> Config:
     return dataclasses.replace(config, encoders=encoders)
 
 
+RAY_LEVEL_NOTICE = "Set ray log level from environment variable"
+
+
 def start_ray(config: Config) -> None:
     """Join RAY_ADDRESS / embed.ray_address, else start a local Ray sized for the encoder pool.
 
@@ -251,14 +255,16 @@ def start_ray(config: Config) -> None:
     # arguments in the object store", ray-project/ray#53727) that is no error of this job;
     # failures still reach us as Python exceptions. RAY_BACKEND_LOG_LEVEL=error shows it again.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # ...which makes the C++ core print that it did so; that notice is dropped too.
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": runtime_env}
     address = config.embed.ray_address
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        # A local Ray: one CPU more than the encoder actors hold, so read tasks can run.
-        cpus = config.embed.actors * config.embed.threads_per_actor + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
-    else:
-        ray.init(address=address or "auto", **quiet)
+    with stderr_without(RAY_LEVEL_NOTICE):
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            # A local Ray: one CPU more than the encoder actors hold, so read tasks can run.
+            cpus = config.embed.actors * config.embed.threads_per_actor + 1
+            ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address or "auto", **quiet)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job draws its own bar
     context.print_on_execution_start = False

@@ -12,8 +12,11 @@ the environment before the OpenMP runtime loads (with torch), unless the user se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 
 PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -48,3 +51,32 @@ def quiet_libraries() -> None:
     # Training: the EMA copy is in eval mode on purpose; the LeafSpec notice is Lightning's own.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Lightning's summary table sizes the model as fp32 under bf16-mixed and says so; the
+    # chosen precision is printed by `train` itself.
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
+
+
+@contextlib.contextmanager
+def stderr_without(*notices: str):
+    """Drop the lines containing any of `notices` that native code writes to fd 2 meanwhile.
+
+    For Ray's C++ core: with RAY_BACKEND_LOG_LEVEL set (embed/job.py sets it to hide a
+    spurious error), `ray.init` prints "Set ray log level from environment variable ..."
+    from C++, below Python's logging. fd 2 goes to a temporary file for the duration and
+    every other line is written back, in order, when the block ends (also on an error).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(notice in line for notice in notices)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()

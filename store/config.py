@@ -134,6 +134,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    # after warm-up: "constant", or "cosine" from lr down to lr * lr_final over train.steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = 0.0  # cosine: the last step's lr as a fraction of train.lr
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # probability of training on the unconditional text
@@ -402,6 +405,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
+    if not 0.0 <= config.train.lr_final <= 1.0:
+        raise ConfigError(f"train.lr_final: must be in [0, 1] (a fraction of train.lr), got {config.train.lr_final}")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
 

@@ -182,6 +182,33 @@ def start_embed_until_first_commit(tmp_path, llama_dir, n: int):
     return proc, command, env, samples
 
 
+def test_stderr_without_drops_only_the_named_native_lines_and_keeps_the_rest_in_order(capfd):
+    from store.cli import stderr_without
+
+    with pytest.raises(RuntimeError):  # lines written before an error still come out
+        with stderr_without("Set ray log level"):
+            subprocess.run(["sh", "-c", "echo first >&2; echo 'x logging.cc: Set ray log level to 3' >&2; "
+                                        "echo second >&2"], check=True)
+            raise RuntimeError("boom")
+    assert capfd.readouterr().err.splitlines() == ["first", "second"]
+
+
+def test_embed_prints_its_progress_and_summary_and_none_of_rays_internal_lines(tmp_path, llama_dir):
+    """What a newcomer's terminal shows: the job's own bar and summary, not Ray's C++ notices."""
+    captions = write_captions(tmp_path / "captions.txt", 24)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw_config(tmp_path, llama_dir, path=captions)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAY_BACKEND_LOG_LEVEL", None)
+    done = subprocess.run([sys.executable, "-m", "embed", "--config", str(config_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = done.stdout + done.stderr
+    assert "embed: wrote 24 rows" in shown and "caption/s" in shown  # the summary and the bar
+    for internal in ("logging.cc", "core_worker", "constructor arguments", "Progress bars", "ray log level"):
+        assert internal not in shown, f"{internal!r} reached the terminal:\n{shown[-2000:]}"
+
+
 @pytest.mark.slow
 def test_killed_encoder_worker_still_gives_exactly_one_row_per_id(tmp_path, llama_dir):
     n = 1500

@@ -181,6 +181,17 @@ def test_ema_moves_toward_the_live_weights_with_warm_up(tiny_cache, tmp_path):
         torch.testing.assert_close(ema, 0.1 * old + 0.9 * live)
 
 
+def test_cosine_lr_warms_up_then_falls_to_its_final_fraction_at_the_last_step(tiny_cache, tmp_path):
+    config = config_for(tiny_cache, tmp_path, train={"steps": 8, "warmup_steps": 2, "lr": 1e-3,
+                                                     "lr_schedule": "cosine", "lr_final": 0.1})
+    run_train(config, progress=False, log=lambda *_: None)
+    frame = pd.read_csv(config.run_path / "logs" / "metrics.csv").dropna(subset=["train/lr"])
+    lr = frame.set_index("step")["train/lr"]
+    np.testing.assert_allclose(lr.loc[[0, 1]], [5e-4, 1e-3], rtol=1e-6)  # linear warm-up
+    assert all(a > b for a, b in zip(lr.loc[1:], lr.loc[2:]))  # then strictly down
+    np.testing.assert_allclose(lr.loc[7], 1e-4, rtol=1e-6)  # lr * lr_final at train.steps
+
+
 def test_max_minutes_stops_a_long_run_early_and_still_exports(tiny_cache, tmp_path):
     config = config_for(tiny_cache, tmp_path, train={"steps": 100_000, "max_minutes": 0.05})
     summary = run_train(config, progress=False, log=lambda *_: None)

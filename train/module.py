@@ -8,6 +8,7 @@ reproduces an uninterrupted one exactly (with the sampler in train/data.py).
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import torch
@@ -68,10 +69,23 @@ class LIDiTModule(L.LightningModule):
         train = self.config.train
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                       betas=(0.9, 0.999))
-        warmup = max(1, train.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(train, step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+
+def lr_factor(train, step: int) -> float:
+    """The lr of optimizer step `step` (0-based) as a fraction of train.lr.
+
+    Linear warm-up over train.warmup_steps, then constant, or a cosine from 1 down to
+    train.lr_final that reaches it at train.steps (a run stopped by max_minutes stops
+    partway down the curve)."""
+    warmup = max(1, train.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if train.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step + 1 - warmup) / max(1, train.steps - warmup))
+    return train.lr_final + (1.0 - train.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
