@@ -312,12 +312,14 @@ def main() -> int:
            "(goal >= 5)")
     # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
     # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
-    # the runs alternate and each label keeps its best of --precision-repeats.
+    # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
     hardware = detect("auto")
     print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
     best: dict[str, float] = {}
-    for _ in range(args.precision_repeats):
-        for label in ("auto", "32-true", "bf16-mixed"):
+    labels = ("auto", "32-true", "bf16-mixed")
+    for round_ in range(args.precision_repeats):
+        # Each round starts one setting later, so no setting always runs first or after the slow one.
+        for label in labels[round_ % 3:] + labels[:round_ % 3]:
             side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
                                   (f"train.precision={label}",))
             best[label] = max(best.get(label, 0.0), side["samples_per_s"])
