@@ -11,6 +11,8 @@ while the capability is a fact the CPU and driver report.
   and only if oneDNN and ATen are not capped below those ISAs by `ONEDNN_MAX_CPU_ISA` /
   `ATEN_CPU_CAPABILITY` (the way to mimic an AVX2-only CPU on a fast one). Elsewhere fp32:
   on an AVX2-only CPU torch's bf16 matmul is about 100x slower than fp32 (docs/BENCHMARKS.md).
+  Training (`train_precision`) takes bf16 on a CPU only with AMX: with AVX512-BF16 alone the
+  default model's step was no faster in bf16-mixed than in fp32 (docs/BENCHMARKS.md).
 
 A value set explicitly in a config always wins; `auto` is resolved once, at the start of
 a run, printed, and recorded (the cache's encoder records, the run's model.json).
@@ -43,6 +45,7 @@ class Hardware:
     native_bf16: bool
     fp16_ok: bool  # fp16 autocast is fast here (CUDA)
     capability: str  # what decided it, for the run's log and metadata
+    amx: bool = False  # a CPU's AMX tiles, usable (not capped): what makes bf16 *training* pay on a CPU
 
     def describe(self) -> str:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
@@ -83,7 +86,9 @@ def cpu_hardware(flags: set[str], env: dict[str, str], name: str = "cpu") -> Har
         caps.append(f"ATEN_CPU_CAPABILITY={aten}")
     if caps:
         capability += f", capped by {' '.join(caps)}"
-    return Hardware("cpu", name, native_bf16=bool(have) and not caps, fp16_ok=False, capability=capability)
+    amx_capped = onednn in _ONEDNN_ISAS and _ONEDNN_ISAS.index(onednn) < _ONEDNN_ISAS.index("AVX10_1_512_AMX")
+    return Hardware("cpu", name, native_bf16=bool(have) and not caps, fp16_ok=False, capability=capability,
+                    amx="amx_bf16" in flags and not caps and not amx_capped)
 
 
 def cuda_hardware(name: str, bf16_supported: bool, compute_capability: tuple[int, int]) -> Hardware:
@@ -118,8 +123,17 @@ def compute_dtype(requested: str, hardware: Hardware, *, frozen_llm: bool = Fals
 
 
 def train_precision(requested: str, hardware: Hardware) -> str:
-    """A Lightning precision string; `auto` follows `compute_dtype`."""
-    return requested if requested != "auto" else TRAIN_PRECISION[compute_dtype("auto", hardware)]
+    """A Lightning precision string; `auto` follows `compute_dtype`, but for one case.
+
+    A CPU whose bf16 is AVX512-BF16 without AMX trains in fp32: there the default model's
+    training step ran 1.12x faster in `32-true` than in `bf16-mixed` at batch 16 and about
+    even at batch 32 (docs/BENCHMARKS.md), while its encoders, with large matmuls and no
+    backward pass, run bf16 at 1.8x fp32. With AMX, bf16 training is the faster one."""
+    if requested != "auto":
+        return requested
+    if hardware.device == "cpu" and hardware.native_bf16 and not hardware.amx:
+        return TRAIN_PRECISION["float32"]
+    return TRAIN_PRECISION[compute_dtype("auto", hardware)]
 
 
 def sample_precision(requested: str, hardware: Hardware) -> str:

@@ -78,7 +78,10 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     reader = open_cache(config)
     precision, hardware = resolve_precision(config, trainer_overrides.get("accelerator"))
     trainer_overrides.setdefault("precision", precision)
-    log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}")
+    why = (" (bf16 trains no faster than fp32 on a CPU without AMX)"
+           if config.train.precision == "auto" and hardware.device == "cpu" and hardware.native_bf16
+           and not hardware.amx else "")
+    log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
     checkpoint_dir = config.run_path / "checkpoints"
     resume = checkpoint_dir / "last.ckpt"
     L.seed_everything(config.seed, verbose=False)  # the initial weights
