@@ -140,7 +140,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # probability of training on the unconditional text
-    # Lightning precision; "auto": bf16-mixed with native bf16, else 32-true (16-mixed on older GPUs)
+    # Lightning precision; "auto": bf16-mixed on a bf16 GPU or an AMX CPU, else 32-true (16-mixed on older GPUs)
     precision: str = "auto"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     devices: int = 1
