@@ -125,10 +125,10 @@ def compute_dtype(requested: str, hardware: Hardware, *, frozen_llm: bool = Fals
 def train_precision(requested: str, hardware: Hardware) -> str:
     """A Lightning precision string; `auto` follows `compute_dtype`, but for one case.
 
-    A CPU whose bf16 is AVX512-BF16 without AMX trains in fp32: there the default model's
-    training step ran 1.12x faster in `32-true` than in `bf16-mixed` at batch 16 and about
-    even at batch 32 (docs/BENCHMARKS.md), while its encoders, with large matmuls and no
-    backward pass, run bf16 at 1.8x fp32. With AMX, bf16 training is the faster one."""
+    A CPU whose bf16 is AVX512-BF16 without AMX trains in fp32: there bf16-mixed bought the
+    default model's training step nothing (fp32 1.12x faster in one run at batch 16, even in
+    the rerun and at batch 32: docs/BENCHMARKS.md), while its encoders, with large matmuls
+    and no backward pass, run bf16 at 1.8x fp32. With AMX, bf16 training is the faster one."""
     if requested != "auto":
         return requested
     if hardware.device == "cpu" and hardware.native_bf16 and not hardware.amx:

@@ -69,7 +69,10 @@ def test_vllm_features_equal_the_transformers_backend(case, vllm_run):
     torch.testing.assert_close(got["prefix_states"], reference.prefix_states, rtol=1e-4, atol=1e-5)
     for i, out in enumerate(reference.encode(CAPTIONS)):
         assert got[f"ids.{i}"].tolist() == out.ids.tolist(), CAPTIONS[i]
-        torch.testing.assert_close(got[f"states.{i}"], out.states, rtol=1e-4, atol=1e-5, msg=CAPTIONS[i])
+        # fp32 rounding scales with the activations: Gemma 2's reach |x| ~ 6, where vLLM's AVX-512
+        # kernels differed from transformers by up to 2.3e-5 (the AVX2 ones by less).
+        scale = max(1.0, out.states.abs().max().item()) if out.states.numel() else 1.0
+        torch.testing.assert_close(got[f"states.{i}"], out.states, rtol=1e-4, atol=1e-5 * scale, msg=CAPTIONS[i])
 
 
 def test_vllm_bf16_storage_is_within_bf16_rounding_of_the_fp32_reference(vllm_run):
