@@ -47,6 +47,11 @@ class Hardware:
     capability: str  # what decided it, for the run's log and metadata
     amx: bool = False  # a CPU's AMX tiles, usable (not capped): what makes bf16 *training* pay on a CPU
 
+    @property
+    def bf16_trains_no_faster(self) -> bool:
+        """A CPU whose bf16 is AVX512-BF16 without AMX: `auto` trains in fp32 there (`train_precision`)."""
+        return self.device == "cpu" and self.native_bf16 and not self.amx
+
     def describe(self) -> str:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
         return f"{self.device} ({self.name}): {self.capability}, {bf16}"
@@ -131,7 +136,7 @@ def train_precision(requested: str, hardware: Hardware) -> str:
     and no backward pass, run bf16 at 1.8x fp32. With AMX, bf16 training is the faster one."""
     if requested != "auto":
         return requested
-    if hardware.device == "cpu" and hardware.native_bf16 and not hardware.amx:
+    if hardware.bf16_trains_no_faster:
         return TRAIN_PRECISION["float32"]
     return TRAIN_PRECISION[compute_dtype("auto", hardware)]
 

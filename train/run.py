@@ -79,8 +79,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     precision, hardware = resolve_precision(config, trainer_overrides.get("accelerator"))
     trainer_overrides.setdefault("precision", precision)
     why = (" (bf16 trains no faster than fp32 on a CPU without AMX)"
-           if config.train.precision == "auto" and hardware.device == "cpu" and hardware.native_bf16
-           and not hardware.amx else "")
+           if config.train.precision == "auto" and hardware.bf16_trains_no_faster else "")
     log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
     checkpoint_dir = config.run_path / "checkpoints"
     resume = checkpoint_dir / "last.ckpt"
