@@ -55,7 +55,7 @@ from embed.job import TextEncodeStage, pipeline_schema, run_embed, start_ray  # 
 from embed.shapes import make_scene  # noqa: E402
 from store.config import Config, load_config, validate  # noqa: E402
 from bench.threads import busy_neighbour, matmul_gflops  # noqa: E402
-from bench.train import in_own_process  # noqa: E402
+from bench.train import in_own_process, rotated  # noqa: E402
 from store.hardware import detect  # noqa: E402
 from store.writer import CONSTANTS_FILE, SAMPLES, WRITE_OPTIONS  # noqa: E402
 
@@ -195,7 +195,7 @@ def precision_cps(enc_config, dtypes: tuple[str, ...], captions: list[str], repe
     it resolves to, natively and under the AVX2 mimic alike: docs/BENCHMARKS.md.)"""
     best: dict[str, tuple[float, str]] = {}
     for round_ in range(repeats):
-        for dtype in dtypes[round_ % len(dtypes):] + dtypes[:round_ % len(dtypes)]:
+        for dtype in rotated(dtypes, round_):
             speed, ran = in_own_process(precision_one, enc_config, dtype, captions)
             print(f"   (round {round_ + 1}: compute_dtype={dtype} {speed:.1f} captions/s)", flush=True)
             best[dtype] = max(best.get(dtype, (0.0, ran)), (speed, ran))

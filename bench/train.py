@@ -211,6 +211,13 @@ def in_own_process(fn, *args) -> dict:
         return pool.submit(fn, *args).result()
 
 
+def rotated(settings: tuple, round_: int) -> tuple:
+    """`settings` starting `round_` places later: over the rounds of an alternating comparison,
+    no setting always runs first or right after the same (slow) one."""
+    k = round_ % len(settings)
+    return settings[k:] + settings[:k]
+
+
 # -- 3. FLOP estimate for lidit-1b --------------------------------------------------------------
 
 def lidit_1b_flops() -> dict:
@@ -316,10 +323,8 @@ def main() -> int:
     hardware = detect("auto")
     print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
     best: dict[str, float] = {}
-    labels = ("auto", "32-true", "bf16-mixed")
     for round_ in range(args.precision_repeats):
-        # Each round starts one setting later, so no setting always runs first or after the slow one.
-        for label in labels[round_ % 3:] + labels[:round_ % 3]:
+        for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
             side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
                                   (f"train.precision={label}",))
             best[label] = max(best.get(label, 0.0), side["samples_per_s"])
