@@ -130,7 +130,7 @@ class TrainConfig:
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # flow: how training draws t
     schedule: Literal["linear", "cosine"] = "linear"  # eps: the noise schedule (DiT's linear, or cosine)
     steps: int = 3000
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: N processes (train.devices) take batch_size / N rows each
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
@@ -143,7 +143,9 @@ class TrainConfig:
     # Lightning precision; "auto": bf16-mixed on a bf16 GPU or an AMX CPU, else 32-true (16-mixed on older GPUs)
     precision: str = "auto"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    devices: int = 1
+    # processes (DDP) sharing each batch; "auto": one per GPU, or on a CPU one per core up to
+    # one per 8 rows of the batch (store/hardware.py: train_processes)
+    devices: int | Literal["auto"] = 1
     accelerator: str = "auto"
     num_workers: int = 0
     checkpoint_every: int = 500
@@ -311,7 +313,12 @@ def _coerce(hint, value, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        for option in inner[:-1]:  # the first option that takes the value; the last one's error
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -399,7 +406,7 @@ def validate(config: Config) -> None:
         raise ConfigError("train.caption_dropout: must be in [0, 1)")
     for key, low in RANGES:
         number = _dotted(config, key)
-        if number is not None and number < low:
+        if isinstance(number, (int, float)) and number < low:  # None and "auto" have no range
             raise ConfigError(f"{key}: must be >= {low}, got {number}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
@@ -407,6 +414,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.lr: must be > 0, got {config.train.lr}")
     if not 0.0 <= config.train.lr_final <= 1.0:
         raise ConfigError(f"train.lr_final: must be in [0, 1] (a fraction of train.lr), got {config.train.lr_final}")
+    devices = config.train.devices
+    if devices != "auto" and config.train.batch_size % devices:
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} rows cannot be shared evenly by "
+                          f"train.devices={devices} processes")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
 

@@ -144,3 +144,38 @@ def train_precision(requested: str, hardware: Hardware) -> str:
 def sample_precision(requested: str, hardware: Hardware) -> str:
     """The sampler's autocast: "bf16", "fp16" or "fp32"."""
     return requested if requested != "auto" else SAMPLE_PRECISION[compute_dtype("auto", hardware)]
+
+
+# A CPU process's share of the batch below which its matmuls get too small to pay.
+MIN_ROWS_PER_CPU_PROCESS = 8
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def train_processes(requested: int | str, batch_size: int, hardware: Hardware) -> int:
+    """How many DDP processes share each training batch; an explicit number wins.
+
+    `auto`: one per GPU on CUDA. On a CPU, one single-thread process per usable core, up to
+    one per MIN_ROWS_PER_CPU_PROCESS rows of the batch: the default model's small matmuls use
+    two threads of one process poorly, and two 1-thread processes at batch 8 each train 1.5x
+    the samples per second of one 2-thread process at 16 (docs/BENCHMARKS.md, "Processes").
+    One process where OMP_NUM_THREADS is set: the caller has chosen the threads (train.matrix
+    runs one job per core that way). Always a divisor of the batch, so every process takes
+    the same share."""
+    if requested != "auto":
+        return int(requested)
+    if hardware.device == "cuda":
+        import torch
+
+        limit = torch.cuda.device_count()
+    elif os.environ.get("OMP_NUM_THREADS"):
+        limit = 1
+    else:
+        limit = min(usable_cpus(), batch_size // MIN_ROWS_PER_CPU_PROCESS)
+    return max(n for n in range(1, max(1, limit) + 1) if batch_size % n == 0)

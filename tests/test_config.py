@@ -67,6 +67,10 @@ def test_override_sets_a_nested_value():
     ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0, 1\)"),
     ("sample.steps=0", r"sample.steps: must be >= 1, got 0"),
     ("train.precision=auto", None),
+    ("train.devices=2", None),
+    ("train.devices=some", r"train.devices: 'some' is not one of \['auto'\]"),
+    ("train.devices=0", r"train.devices: must be >= 1, got 0"),
+    ("train.devices=3", r"train.batch_size: 16 rows cannot be shared evenly by train.devices=3"),
     ("encoders.0.compute_dtype=bfloat16", None),
     ("encoders.0.compute_dtype=half", r"encoders\[0\].compute_dtype: 'half' is not one of"),
 ])

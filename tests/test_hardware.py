@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from store import hardware
 from store.hardware import (compute_dtype, cpu_flags, cpu_hardware, cuda_hardware, detect, sample_precision,
-                            train_precision)
+                            train_precision, train_processes)
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
@@ -63,3 +64,25 @@ def test_detect_on_this_machine_agrees_with_its_cpu_flags(monkeypatch):
     hardware = detect("cpu")
     assert hardware.device == "cpu"
     assert hardware.native_bf16 == bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("cores, batch, expected", [
+    (2, 16, 2),  # the demo: two 1-thread processes, 8 rows each
+    (2, 8, 1),  # 4 rows each would be too few
+    (16, 16, 2),  # a big CPU: still at least 8 rows a process
+    (16, 64, 8),
+    (4, 24, 3),  # the largest count that divides the batch
+    (4, 20, 2),
+    (1, 16, 1),
+])
+def test_auto_processes_on_a_cpu(monkeypatch, cores, batch, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: cores)
+    assert train_processes("auto", batch, cpu_hardware(AVX512_BF16, {})) == expected
+
+
+def test_auto_processes_leave_the_threads_to_a_caller_that_set_them(monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # train.matrix: one job per core
+    assert train_processes("auto", 64, cpu_hardware(AVX2, {})) == 1
+    assert train_processes(2, 64, cpu_hardware(AVX2, {})) == 2  # an explicit number wins

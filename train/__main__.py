@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CacheError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
+    if summary["rank"] != 0:  # one summary: the DDP processes Lightning started return here too
+        return 0
     print(f"train: {summary['steps']} steps in {summary['seconds']:.0f} s, last loss {summary['loss']:.4f}, "
           f"{summary['parameters'] / 1e6:.1f}M parameters")
     print(f"  checkpoint and safetensors weights in {summary['checkpoints']}; loss and score curves "

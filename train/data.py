@@ -1,12 +1,14 @@
 """The LightningDataModule over the feature cache: one aspect-ratio bucket per batch.
 
 Batch k of training is a pure function of (seed, k): the sampler shuffles each bucket's
-rows per epoch, cuts them into batches, shuffles the batch order, and deals the batches
-round-robin to the ranks. It starts at the trainer's restored global step, so a resumed
-run sees exactly the batches an uninterrupted run would have seen.
+rows per epoch, cuts them into batches of `train.batch_size` rows (the global batch),
+and shuffles the batch order. Under DDP every rank takes its own contiguous share of the
+same batch k, so N processes train on exactly the rows one process would. It starts at
+the trainer's restored global step, so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
 
 Caption dropout (for classifier-free guidance) swaps a row's caption states for the
-stored unconditional ones; which rows drop is a function of (seed, the batch's rows).
+stored unconditional ones; which rows drop is a function of (seed, the global batch's rows).
 
 Workers open the Lance dataset themselves (CacheReader reopens after a process change)
 and read only the rows of their batches; they start with `spawn`, since Lance is not
@@ -25,11 +27,21 @@ from store.config import Config
 from store.reader import CacheReader
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Infinite stream of same-bucket batches; batch k depends only on (seed, k)."""
+def share(rows: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous share of a global batch (the batch divides evenly)."""
+    size = len(rows) // world_size
+    return rows[rank * size : (rank + 1) * size]
+
+
+class BucketBatchSampler(Sampler[tuple[list[int], int, int]]):
+    """Infinite stream of same-bucket global batches; batch k depends only on (seed, k).
+
+    Yields (the global batch's rows, rank, world_size): CachedBatches reads the rank's share."""
 
     def __init__(self, buckets: dict[int, np.ndarray], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_step: Callable[[], int] = lambda: 0):
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} rows cannot be shared evenly by {world_size} processes")
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.start_step = start_step
@@ -37,10 +49,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not self.buckets:
             sizes = {b: len(r) for b, r in buckets.items()}
             raise ValueError(f"no bucket holds a full batch of {batch_size} rows (rows per bucket: {sizes})")
-        per_epoch = sum(len(rows) // batch_size for rows in self.buckets.values())
-        self.steps_per_epoch = per_epoch // world_size  # every rank takes the same number
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{per_epoch} batches per epoch cannot feed {world_size} ranks")
+        self.steps_per_epoch = sum(len(rows) // batch_size for rows in self.buckets.values())
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -50,16 +59,15 @@ class BucketBatchSampler(Sampler[list[int]]):
             usable = len(rows) // self.batch_size * self.batch_size
             batches += list(rows[:usable].reshape(-1, self.batch_size))
         order = rng.permutation(len(batches))
-        mine = [batches[i] for i in order][self.rank :: self.world_size]
-        return mine[: self.steps_per_epoch]
+        return [batches[i] for i in order]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[tuple[list[int], int, int]]:
         step = self.start_step()
         epoch, position = divmod(step, self.steps_per_epoch)
         while True:
             batches = self.epoch_batches(epoch)
             for batch in batches[position:]:
-                yield [int(r) for r in batch]
+                yield [int(r) for r in batch], self.rank, self.world_size
             epoch, position = epoch + 1, 0
 
     def __len__(self) -> int:  # "infinite": training length is set by max_steps
@@ -75,14 +83,17 @@ def caption_dropout_mask(rows: list[int], probability: float, seed: int) -> np.n
 
 
 class CachedBatches(Dataset):
-    """dataset[rows] -> one training batch (reader.take), with seeded caption dropout."""
+    """dataset[rows] or dataset[(rows, rank, world_size)] -> one training batch (reader.take),
+    the rank's share of the global batch `rows`, with seeded caption dropout."""
 
     def __init__(self, reader: CacheReader, caption_dropout: float, seed: int):
         self.reader, self.caption_dropout, self.seed = reader, caption_dropout, seed
 
-    def __getitem__(self, rows: list[int]) -> dict:
-        drop = caption_dropout_mask(rows, self.caption_dropout, self.seed)
-        batch = self.reader.take(rows, drop_text=drop)
+    def __getitem__(self, key: list[int] | tuple[list[int], int, int]) -> dict:
+        rows, rank, world_size = key if isinstance(key, tuple) else (key, 0, 1)
+        drop = share(list(caption_dropout_mask(rows, self.caption_dropout, self.seed)), rank, world_size)
+        rows = share(rows, rank, world_size)
+        batch = self.reader.take(rows, drop_text=np.array(drop, bool))
         batch.pop("ids")
         batch.pop("captions")
         return batch

@@ -45,7 +45,7 @@ class LIDiTModule(L.LightningModule):
         # One stream per (seed, step): seeds are spaced by a prime above any step count, so two
         # runs with different seeds never share a step's noise.
         generator = torch.Generator(device=x0.device).manual_seed(self.config.seed * 1_000_003 + self.global_step)
-        x_t, t, target = self.objective.sample_training(x0, generator)
+        x_t, t, target = self._draw(x0, generator)
         features, masks = self._inputs(batch)
         prediction = self.model(x_t, t, features, masks)
         loss = self.objective.loss(prediction, target)
@@ -53,9 +53,23 @@ class LIDiTModule(L.LightningModule):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step}; lower train.lr or check the cache"
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # under DDP, the mean over the ranks' shares: the global batch's loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple:
+        """The objective's training draws (x_t, t, target) for this rank's share of the global batch.
+
+        Under DDP each rank holds a contiguous share of batch k (train/data.py); the times and
+        noise are drawn for the whole global batch and each rank keeps its share, so N
+        processes train on exactly the draws of one (and no two ranks share their noise)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return self.objective.sample_training(x0, generator)
+        rank, size = self.trainer.global_rank, x0.shape[0]
+        drawn = self.objective.sample_training(x0.repeat(world, *([1] * (x0.ndim - 1))), generator)
+        return tuple(d[rank * size : (rank + 1) * size] for d in drawn)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

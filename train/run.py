@@ -13,11 +13,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from store.config import Config
-from store.hardware import Hardware, detect, train_precision
+from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
 from train.data import CacheDataModule
@@ -46,14 +47,17 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
     """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here.
     With the run's `reader`, it also draws the progress curves and scores (train/progress.py)."""
     train = config.train
+    precision, hardware = resolve_precision(config, overrides.get("accelerator"))
+    processes = train_processes(train.devices, train.batch_size, hardware)
+    strategy = "ddp" if processes > 1 and train.strategy == "auto" else train.strategy
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
     # Lightning writes checkpoints and logs through fsspec: a run_dir URI works as is.
     loggers = [CSVLogger(str(config.run_path), name="logs", version="", flush_logs_every_n_steps=10),
                TensorBoardLogger(str(config.run_path), name="tensorboard", version="")]
     kwargs = dict(
-        max_steps=train.steps, precision=train.precision, accelerator=train.accelerator, devices=train.devices,
-        strategy=train.strategy, gradient_clip_val=train.grad_clip, logger=loggers,
+        max_steps=train.steps, precision=precision, accelerator=train.accelerator, devices=processes,
+        strategy=strategy, gradient_clip_val=train.grad_clip, logger=loggers,
         # tqdm, not rich: it also prints readable periodic lines when stdout is a log file
         callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else [])
         + ([TrainingProgress(config, reader)] if reader is not None else []),
@@ -62,8 +66,6 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
         max_time=timedelta(minutes=train.max_minutes) if train.max_minutes else None,
     )
     kwargs.update(overrides)
-    if kwargs["precision"] == "auto":
-        kwargs["precision"], _ = resolve_precision(config, kwargs["accelerator"])
     return L.Trainer(**kwargs)
 
 
@@ -80,7 +82,12 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     trainer_overrides.setdefault("precision", precision)
     why = (" (bf16 trains no faster than fp32 on a CPU without AMX)"
            if config.train.precision == "auto" and hardware.bf16_trains_no_faster else "")
-    log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
+    processes = train_processes(config.train.devices, config.train.batch_size, hardware)
+    if rank_zero_only.rank == 0:  # the DDP processes Lightning starts run this too
+        log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
+        if "devices" not in trainer_overrides:
+            log(f"train: {processes} process{'es' if processes > 1 else ''} (train.devices: {config.train.devices}), "
+                f"{config.train.batch_size // processes} rows each of every batch of {config.train.batch_size}")
     checkpoint_dir = config.run_path / "checkpoints"
     resume = checkpoint_dir / "last.ckpt"
     L.seed_everything(config.seed, verbose=False)  # the initial weights
@@ -89,7 +96,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     if prepare is not None:
         trainer = prepare(trainer)
     resuming = not fresh and resume.is_file()
-    if resuming:
+    if resuming and rank_zero_only.rank == 0:
         log(f"train: resuming from {resume}")
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resuming else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
@@ -101,7 +108,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
                runtime={"train_precision": precision, "hardware": hardware.describe()})
     progress_callback = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
     losses = trainer.logged_metrics
-    return {"steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
+    return {"rank": trainer.global_rank, "steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
             "loss": float(losses["train/loss"]) if "train/loss" in losses else None,
             "parameters": module.num_parameters(), "logs": str(config.run_path / "logs"), "precision": precision,
             "shapeeval": progress_callback.last_table if progress_callback else None}
