@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -48,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from sample.text import PromptFeatures  # noqa: E402
 from store.config import Config, load_config  # noqa: E402
-from store.hardware import detect, train_precision  # noqa: E402
+from store.hardware import detect, train_precision, train_processes  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
 from train.run import make_trainer, open_cache  # noqa: E402
 from train.data import BucketBatchSampler, CacheDataModule, caption_dropout_mask  # noqa: E402
@@ -138,7 +140,8 @@ def caption_error(module: OnlineModule, reader: CacheReader, rows: list[int]) ->
 def measure_side(config_path: str, side: str, steps: int, warmup: int, overrides: tuple = ()) -> dict:
     """Train `warmup + steps` steps of one side in this (spawned) process; samples/s and peak RSS."""
     setup_process()
-    config = load_config(config_path, list(overrides))
+    # One process: a DDP launch from here would re-run this script (part 7 times the processes).
+    config = load_config(config_path, [*overrides, "train.devices=1"])
     reader = open_cache(config)
     L.seed_everything(config.seed, verbose=False)  # the same initial weights on both sides
     data = CacheDataModule(config)
@@ -218,6 +221,29 @@ def rotated(settings: tuple, round_: int) -> tuple:
     return settings[k:] + settings[:k]
 
 
+# -- 7. the processes: `python -m train` as a user runs it ----------------------------------------
+
+def train_command_seconds(config_path: str, devices: str, steps: int, out: Path) -> float:
+    """Wall seconds of `python -m train` for `steps` steps with train.devices=`devices`
+    (no in-training evaluation, nothing kept)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # auto chooses the threads
+    command = [sys.executable, "-m", "train", "--config", config_path, "--fresh", "--set", f"run_dir={out}",
+               "--set", f"cache_dir={load_config(config_path).cache_path.resolve()}", "--set", f"train.steps={steps}",
+               "--set", "train.eval_every=0", "--set", f"train.devices={devices}", "--set", "train.max_minutes=null"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def processes_samples_per_s(config_path: str, devices: str, steps: int, warmup: int, batch: int) -> float:
+    """samples/s of the training command: a run of warmup + steps steps less one of warmup steps,
+    so start-up, the DDP launch, checkpoint and export cancel out."""
+    with tempfile.TemporaryDirectory() as out:
+        short = train_command_seconds(config_path, devices, warmup, Path(out) / "short")
+        long = train_command_seconds(config_path, devices, warmup + steps, Path(out) / "long")
+    return steps * batch / (long - short)
+
+
 # -- 3. FLOP estimate for lidit-1b --------------------------------------------------------------
 
 def lidit_1b_flops() -> dict:
@@ -269,6 +295,9 @@ def main() -> int:
     parser.add_argument("--precision-steps", type=int, default=5,
                         help="timed steps per precision in part 5 (bf16 on an AVX2-only CPU: ~13 s a step)")
     parser.add_argument("--precision-repeats", type=int, default=2, help="runs per precision in part 5 (best kept)")
+    parser.add_argument("--process-steps", type=int, default=150, help="timed steps per command in part 7")
+    parser.add_argument("--process-repeats", type=int, default=2, help="runs per setting in part 7 (best kept)")
+    parser.add_argument("--processes-only", action="store_true", help="run parts 6 and 7 alone")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
@@ -291,49 +320,51 @@ def main() -> int:
           f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, "
           f"precision {config.train.precision}")
     cached = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)
-    online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
-    results["parameters"] = cached["parameters"]
-    report("1. cached: Trainer on CacheDataModule", "cached_samples_per_s", cached["samples_per_s"], "samples/s",
-           f"({cached['parameters'] / 1e6:.1f}M parameters)")
-    report("   peak RSS", "cached_peak_mb", cached["peak_mb"], "MB")
-    report("2. online: prompt encoders in every step", "online_samples_per_s", online["samples_per_s"], "samples/s")
-    report("   peak RSS", "online_peak_mb", online["peak_mb"], "MB")
-    report("   online vs cached caption states, rel L2", "online_vs_cache_rel_l2_pct",
-           100 * online["online_vs_cache_rel_l2"], "%", "(worst encoder, one batch)")
-    report("   cached_over_online", "cached_over_online", cached["samples_per_s"] / online["samples_per_s"], "x",
-           "(goal >= 10)")
+    if not args.processes_only:
+        online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
+        results["parameters"] = cached["parameters"]
+        report("1. cached: Trainer on CacheDataModule", "cached_samples_per_s", cached["samples_per_s"], "samples/s",
+               f"({cached['parameters'] / 1e6:.1f}M parameters)")
+        report("   peak RSS", "cached_peak_mb", cached["peak_mb"], "MB")
+        report("2. online: prompt encoders in every step", "online_samples_per_s", online["samples_per_s"], "samples/s")
+        report("   peak RSS", "online_peak_mb", online["peak_mb"], "MB")
+        report("   online vs cached caption states, rel L2", "online_vs_cache_rel_l2_pct",
+               100 * online["online_vs_cache_rel_l2"], "%", "(worst encoder, one batch)")
+        report("   cached_over_online", "cached_over_online", cached["samples_per_s"] / online["samples_per_s"], "x",
+               "(goal >= 10)")
 
-    results.update(lidit_1b_flops())
-    print(f"3. lidit-1b ({results['lidit_1b_parameters'] / 1e9:.2f}B) + LLaMA3-8B + Qwen1.5-7B, per sample:")
-    for label, key, unit, note in (
-            ("   DiT training step (refiners included)", "lidit_1b_dit_tflop_per_sample", "TFLOP", ""),
-            ("   two LLMs' forward to layer -3", "lidit_1b_llm_tflop_per_sample", "TFLOP", ""),
-            ("   cached_over_online_lidit_1b_flops", "cached_over_online_lidit_1b_flops", "x", "= (DiT + LLMs) / DiT"),
-            ("   same, all parameters over image tokens", "cached_over_online_lidit_1b_flops_all_params", "x",
-             "(a lower bound)")):
-        report(label, key, results[key], unit, note)
+        results.update(lidit_1b_flops())
+        print(f"3. lidit-1b ({results['lidit_1b_parameters'] / 1e9:.2f}B) + LLaMA3-8B + Qwen1.5-7B, per sample:")
+        for label, key, unit, note in (
+                ("   DiT training step (refiners included)", "lidit_1b_dit_tflop_per_sample", "TFLOP", ""),
+                ("   two LLMs' forward to layer -3", "lidit_1b_llm_tflop_per_sample", "TFLOP", ""),
+                ("   cached_over_online_lidit_1b_flops", "cached_over_online_lidit_1b_flops", "x", "= (DiT + LLMs) / DiT"),
+                ("   same, all parameters over image tokens", "cached_over_online_lidit_1b_flops_all_params", "x",
+                 "(a lower bound)")):
+            report(label, key, results[key], unit, note)
 
-    report("4. loader: CacheDataModule.train_dataloader", "loader_samples_per_s",
-           loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
-    report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
-           "(goal >= 5)")
-    # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
-    # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
-    # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
-    hardware = detect("auto")
-    print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
-    best: dict[str, float] = {}
-    for round_ in range(args.precision_repeats):
-        for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
-            side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
-                                  (f"train.precision={label}",))
-            best[label] = max(best.get(label, 0.0), side["samples_per_s"])
-    for label, speed in best.items():
-        report(f"   train.precision={label}", f"precision_{label}_samples_per_s", speed, "samples/s",
-               f"(best of {args.precision_repeats} x {args.precision_steps} steps)")
-    fastest_fixed = max(best["32-true"], best["bf16-mixed"])
-    report("   auto_over_best_fixed", "auto_over_best_fixed", best["auto"] / fastest_fixed, "x", "(goal >= 0.95)")
-    results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
+        report("4. loader: CacheDataModule.train_dataloader", "loader_samples_per_s",
+               loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
+        report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
+               "(goal >= 5)")
+        # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
+        # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
+        # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
+        hardware = detect("auto")
+        print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
+        best: dict[str, float] = {}
+        for round_ in range(args.precision_repeats):
+            for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
+                side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
+                                      (f"train.precision={label}",))
+                best[label] = max(best.get(label, 0.0), side["samples_per_s"])
+        for label, speed in best.items():
+            report(f"   train.precision={label}", f"precision_{label}_samples_per_s", speed, "samples/s",
+                   f"(best of {args.precision_repeats} x {args.precision_steps} steps)")
+        fastest_fixed = max(best["32-true"], best["bf16-mixed"])
+        report("   auto_over_best_fixed", "auto_over_best_fixed", best["auto"] / fastest_fixed, "x", "(goal >= 0.95)")
+        results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
+
 
     results.update(step_flops(config))
     dtype = torch.bfloat16 if "bf16" in cached["precision"] else torch.float32
@@ -344,7 +375,26 @@ def main() -> int:
     report("   model FLOP rate (cached side)", "model_gflops", model_rate / 1e9, "GFLOP/s",
            f"(trained in {cached['precision']})")
     report(f"   matmul 2048^2 {str(dtype).removeprefix('torch.')}", "matmul_gflops", matmul / 1e9, "GFLOP/s")
-    report("   train_flops_fraction", "train_flops_fraction", model_rate / matmul, "x", "(goal >= 0.35)")
+    report("   train_flops_fraction", "train_flops_fraction", model_rate / matmul, "x",
+           "(goal >= 0.35; one process, all threads)")
+
+    hardware = detect("cpu" if config.train.accelerator == "cpu" else "auto")
+    processes = train_processes(config.train.devices, batch, hardware)
+    print(f"7. `python -m train` with train.devices=1 and ={config.train.devices} ({processes} processes here), "
+          f"{args.process_steps} steps over a run of {args.warmup}, alternating, best of {args.process_repeats}:")
+    speeds: dict[str, float] = {}
+    for round_ in range(args.process_repeats):
+        for devices in rotated(("1", str(config.train.devices)), round_):
+            speed = processes_samples_per_s(args.config, devices, args.process_steps, args.warmup, batch)
+            print(f"   train.devices={devices}: {speed:.1f} samples/s", flush=True)
+            speeds[devices] = max(speeds.get(devices, 0.0), speed)
+    one, auto = speeds["1"], speeds[str(config.train.devices)]
+    report("   one process", "command_one_process_samples_per_s", one, "samples/s")
+    report(f"   train.devices={config.train.devices}", "command_devices_samples_per_s", auto, "samples/s",
+           f"({processes} processes of {batch // processes} rows)")
+    report("   processes_over_one", "processes_over_one", auto / one, "x")
+    report("   train_flops_fraction (the command, as trained)", "train_flops_fraction_processes",
+           results["step_flops"] * auto / batch / matmul, "x", "(goal >= 0.35; over the same matmul rate)")
 
     if args.json:
         print(json.dumps(results))
