@@ -52,8 +52,8 @@ from sample.text import PromptFeatures  # noqa: E402
 from store.config import Config, load_config  # noqa: E402
 from store.hardware import detect, train_precision, train_processes  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
-from train.run import make_trainer, open_cache  # noqa: E402
-from train.data import BucketBatchSampler, CacheDataModule, caption_dropout_mask  # noqa: E402
+from train.run import make_trainer, open_cache, resolve_precision  # noqa: E402
+from train.data import BucketBatchSampler, CacheDataModule, rows_and_dropout  # noqa: E402
 from train.layers import AdaLNZero, TimestepEmbedder  # noqa: E402
 from train.model import TextToImageModel, build_kwargs, count_parameters  # noqa: E402
 from train.module import LIDiTModule  # noqa: E402
@@ -98,15 +98,15 @@ class OnlineModule(LIDiTModule):
 
 
 class CaptionBatches(Dataset):
-    """dataset[rows] -> captions and latents, no cached text: what an online trainer reads."""
+    """dataset[sampler key] -> captions and latents, no cached text: what an online trainer reads."""
 
     def __init__(self, config: Config):
         self.reader = CacheReader(config.cache_path, encoders=[])  # no encoder: no states read
         self.caption_dropout, self.seed = config.train.caption_dropout, config.seed
 
-    def __getitem__(self, rows: list[int]) -> dict:
+    def __getitem__(self, key: list[int] | tuple[list[int], int, int]) -> dict:
         # The same draw as CachedBatches; a dropped caption is the empty one (the cache's null text).
-        drop = caption_dropout_mask(rows, self.caption_dropout, self.seed)
+        rows, drop = rows_and_dropout(key, self.caption_dropout, self.seed)
         batch = self.reader.take(rows)
         return {"captions": ["" if d else c for c, d in zip(batch["captions"], drop)], "latents": batch["latents"]}
 
@@ -152,7 +152,7 @@ def measure_side(config_path: str, side: str, steps: int, warmup: int, overrides
         module = OnlineModule(config.to_dict(), reader)
         data.setup()
         sampler = BucketBatchSampler(data.buckets, config.train.batch_size, config.seed)
-        result["online_vs_cache_rel_l2"] = caption_error(module, reader, next(iter(sampler)))
+        result["online_vs_cache_rel_l2"] = caption_error(module, reader, next(iter(sampler))[0])
         data = DataLoader(CaptionBatches(config), sampler=sampler, batch_size=None)
     clock = StepClock(warmup)
     # callbacks= replaces make_trainer's checkpoint callback and logger=False its loggers: nothing is written.
@@ -286,6 +286,54 @@ def loader_samples_per_s(config: Config, batches: int) -> float:
 
 # -- the run ------------------------------------------------------------------------------------
 
+def parts_1_to_5(args, config: Config, cached: dict, report, results: dict) -> None:
+    """The cached and online sides, the lidit-1b estimate, the loader, and the precisions."""
+    batch = config.train.batch_size
+    online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
+    results["parameters"] = cached["parameters"]
+    report("1. cached: Trainer on CacheDataModule", "cached_samples_per_s", cached["samples_per_s"], "samples/s",
+           f"({cached['parameters'] / 1e6:.1f}M parameters)")
+    report("   peak RSS", "cached_peak_mb", cached["peak_mb"], "MB")
+    report("2. online: prompt encoders in every step", "online_samples_per_s", online["samples_per_s"], "samples/s")
+    report("   peak RSS", "online_peak_mb", online["peak_mb"], "MB")
+    report("   online vs cached caption states, rel L2", "online_vs_cache_rel_l2_pct",
+           100 * online["online_vs_cache_rel_l2"], "%", "(worst encoder, one batch)")
+    report("   cached_over_online", "cached_over_online", cached["samples_per_s"] / online["samples_per_s"], "x",
+           "(goal >= 10)")
+
+    results.update(lidit_1b_flops())
+    print(f"3. lidit-1b ({results['lidit_1b_parameters'] / 1e9:.2f}B) + LLaMA3-8B + Qwen1.5-7B, per sample:")
+    for label, key, unit, note in (
+            ("   DiT training step (refiners included)", "lidit_1b_dit_tflop_per_sample", "TFLOP", ""),
+            ("   two LLMs' forward to layer -3", "lidit_1b_llm_tflop_per_sample", "TFLOP", ""),
+            ("   cached_over_online_lidit_1b_flops", "cached_over_online_lidit_1b_flops", "x", "= (DiT + LLMs) / DiT"),
+            ("   same, all parameters over image tokens", "cached_over_online_lidit_1b_flops_all_params", "x",
+             "(a lower bound)")):
+        report(label, key, results[key], unit, note)
+
+    report("4. loader: CacheDataModule.train_dataloader", "loader_samples_per_s",
+           loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
+    report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
+           "(goal >= 5)")
+    # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
+    # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
+    # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
+    hardware = detect("auto")
+    print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
+    best: dict[str, float] = {}
+    for round_ in range(args.precision_repeats):
+        for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
+            side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
+                                  (f"train.precision={label}",))
+            best[label] = max(best.get(label, 0.0), side["samples_per_s"])
+    for label, speed in best.items():
+        report(f"   train.precision={label}", f"precision_{label}_samples_per_s", speed, "samples/s",
+               f"(best of {args.precision_repeats} x {args.precision_steps} steps)")
+    fastest_fixed = max(best["32-true"], best["bf16-mixed"])
+    report("   auto_over_best_fixed", "auto_over_best_fixed", best["auto"] / fastest_fixed, "x", "(goal >= 0.95)")
+    results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
@@ -321,50 +369,7 @@ def main() -> int:
           f"precision {config.train.precision}")
     cached = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)
     if not args.processes_only:
-        online = in_own_process(measure_side, args.config, "online", args.steps, args.warmup)
-        results["parameters"] = cached["parameters"]
-        report("1. cached: Trainer on CacheDataModule", "cached_samples_per_s", cached["samples_per_s"], "samples/s",
-               f"({cached['parameters'] / 1e6:.1f}M parameters)")
-        report("   peak RSS", "cached_peak_mb", cached["peak_mb"], "MB")
-        report("2. online: prompt encoders in every step", "online_samples_per_s", online["samples_per_s"], "samples/s")
-        report("   peak RSS", "online_peak_mb", online["peak_mb"], "MB")
-        report("   online vs cached caption states, rel L2", "online_vs_cache_rel_l2_pct",
-               100 * online["online_vs_cache_rel_l2"], "%", "(worst encoder, one batch)")
-        report("   cached_over_online", "cached_over_online", cached["samples_per_s"] / online["samples_per_s"], "x",
-               "(goal >= 10)")
-
-        results.update(lidit_1b_flops())
-        print(f"3. lidit-1b ({results['lidit_1b_parameters'] / 1e9:.2f}B) + LLaMA3-8B + Qwen1.5-7B, per sample:")
-        for label, key, unit, note in (
-                ("   DiT training step (refiners included)", "lidit_1b_dit_tflop_per_sample", "TFLOP", ""),
-                ("   two LLMs' forward to layer -3", "lidit_1b_llm_tflop_per_sample", "TFLOP", ""),
-                ("   cached_over_online_lidit_1b_flops", "cached_over_online_lidit_1b_flops", "x", "= (DiT + LLMs) / DiT"),
-                ("   same, all parameters over image tokens", "cached_over_online_lidit_1b_flops_all_params", "x",
-                 "(a lower bound)")):
-            report(label, key, results[key], unit, note)
-
-        report("4. loader: CacheDataModule.train_dataloader", "loader_samples_per_s",
-               loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
-        report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
-               "(goal >= 5)")
-        # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
-        # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
-        # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
-        hardware = detect("auto")
-        print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
-        best: dict[str, float] = {}
-        for round_ in range(args.precision_repeats):
-            for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
-                side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
-                                      (f"train.precision={label}",))
-                best[label] = max(best.get(label, 0.0), side["samples_per_s"])
-        for label, speed in best.items():
-            report(f"   train.precision={label}", f"precision_{label}_samples_per_s", speed, "samples/s",
-                   f"(best of {args.precision_repeats} x {args.precision_steps} steps)")
-        fastest_fixed = max(best["32-true"], best["bf16-mixed"])
-        report("   auto_over_best_fixed", "auto_over_best_fixed", best["auto"] / fastest_fixed, "x", "(goal >= 0.95)")
-        results["cpu"], results["auto_precision"] = hardware.describe(), train_precision("auto", hardware)
-
+        parts_1_to_5(args, config, cached, report, results)
 
     results.update(step_flops(config))
     dtype = torch.bfloat16 if "bf16" in cached["precision"] else torch.float32
@@ -378,8 +383,7 @@ def main() -> int:
     report("   train_flops_fraction", "train_flops_fraction", model_rate / matmul, "x",
            "(goal >= 0.35; one process, all threads)")
 
-    hardware = detect("cpu" if config.train.accelerator == "cpu" else "auto")
-    processes = train_processes(config.train.devices, batch, hardware)
+    processes = train_processes(config.train.devices, batch, resolve_precision(config)[1])
     print(f"7. `python -m train` with train.devices=1 and ={config.train.devices} ({processes} processes here), "
           f"{args.process_steps} steps over a run of {args.warmup}, alternating, best of {args.process_repeats}:")
     speeds: dict[str, float] = {}

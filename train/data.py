@@ -27,8 +27,8 @@ from store.config import Config
 from store.reader import CacheReader
 
 
-def share(rows: list[int], rank: int, world_size: int) -> list[int]:
-    """Rank `rank`'s contiguous share of a global batch (the batch divides evenly)."""
+def share(rows: list | np.ndarray, rank: int, world_size: int) -> list | np.ndarray:
+    """Rank `rank`'s contiguous share of a global batch's rows or per-row values (it divides evenly)."""
     size = len(rows) // world_size
     return rows[rank * size : (rank + 1) * size]
 
@@ -82,6 +82,15 @@ def caption_dropout_mask(rows: list[int], probability: float, seed: int) -> np.n
     return rng.random(len(rows)) < probability
 
 
+def rows_and_dropout(key: list[int] | tuple[list[int], int, int], probability: float,
+                     seed: int) -> tuple[list[int], np.ndarray]:
+    """The rows a sampler key asks this rank for, and which of them train on the unconditional
+    text. `key`: (the global batch's rows, rank, world_size), or a whole batch's rows; the
+    dropout is drawn over the global batch, so every process count drops the same rows."""
+    rows, rank, world_size = key if isinstance(key, tuple) else (key, 0, 1)
+    return share(rows, rank, world_size), share(caption_dropout_mask(rows, probability, seed), rank, world_size)
+
+
 class CachedBatches(Dataset):
     """dataset[rows] or dataset[(rows, rank, world_size)] -> one training batch (reader.take),
     the rank's share of the global batch `rows`, with seeded caption dropout."""
@@ -90,10 +99,8 @@ class CachedBatches(Dataset):
         self.reader, self.caption_dropout, self.seed = reader, caption_dropout, seed
 
     def __getitem__(self, key: list[int] | tuple[list[int], int, int]) -> dict:
-        rows, rank, world_size = key if isinstance(key, tuple) else (key, 0, 1)
-        drop = share(list(caption_dropout_mask(rows, self.caption_dropout, self.seed)), rank, world_size)
-        rows = share(rows, rank, world_size)
-        batch = self.reader.take(rows, drop_text=np.array(drop, bool))
+        rows, drop = rows_and_dropout(key, self.caption_dropout, self.seed)
+        batch = self.reader.take(rows, drop_text=drop)
         batch.pop("ids")
         batch.pop("captions")
         return batch

@@ -82,17 +82,17 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     trainer_overrides.setdefault("precision", precision)
     why = (" (bf16 trains no faster than fp32 on a CPU without AMX)"
            if config.train.precision == "auto" and hardware.bf16_trains_no_faster else "")
-    processes = train_processes(config.train.devices, config.train.batch_size, hardware)
     if rank_zero_only.rank == 0:  # the DDP processes Lightning starts run this too
         log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
-        if "devices" not in trainer_overrides:
-            log(f"train: {processes} process{'es' if processes > 1 else ''} (train.devices: {config.train.devices}), "
-                f"{config.train.batch_size // processes} rows each of every batch of {config.train.batch_size}")
     checkpoint_dir = config.run_path / "checkpoints"
     resume = checkpoint_dir / "last.ckpt"
     L.seed_everything(config.seed, verbose=False)  # the initial weights
     module = LIDiTModule(config.to_dict(), reader.meta)
     trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, **trainer_overrides)
+    if rank_zero_only.rank == 0 and "devices" not in trainer_overrides:
+        processes, batch = trainer.world_size, config.train.batch_size
+        log(f"train: {processes} process{'es' if processes > 1 else ''} (train.devices: {config.train.devices}), "
+            f"{batch // processes} rows each of every batch of {batch}")
     if prepare is not None:
         trainer = prepare(trainer)
     resuming = not fresh and resume.is_file()
