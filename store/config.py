@@ -122,6 +122,7 @@ class ModelConfig:
     # what modulates each collaborative-refiner branch: "branch" (paper: its own gate input), "mean"
     collab_condition: Literal["branch", "mean"] = "branch"
     mlp_conv: bool = False  # a depthwise 3x3 conv on the token grid inside each LI-DiT FFN
+    rope: bool = False  # a 2-D rotary position embedding in LI-DiT's self-attention (not in the paper)
 
 
 @dataclass
@@ -389,6 +390,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if config.model.dim % config.model.heads:
         raise ConfigError(f"model.dim {config.model.dim} is not divisible by model.heads")
+    if config.model.rope and (config.model.dim // config.model.heads) % 4:
+        raise ConfigError(f"model.rope: the head width model.dim / model.heads = "
+                          f"{config.model.dim // config.model.heads} must be divisible by 4")
     for i, bucket in enumerate(config.codec.buckets):
         if len(bucket) != 2 or min(bucket) < 1:
             raise ConfigError(f"codec.buckets[{i}]: expected [height, width], got {bucket}")

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from train.layers import Attention, Mlp, masked_mean
+from train.layers import Attention, Mlp, apply_rope, masked_mean, rope_2d
 from train.lidit import LIDiT
 from train.model import TextToImageModel
 from train.refiner import (
@@ -101,7 +101,7 @@ def _lidit_outputs(pad: int):
     return dit(x, t, cond, cond_mask)
 
 
-SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True)
+SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True)
 
 
 def _model_outputs(pad: int, **switches):
@@ -254,6 +254,40 @@ def test_mlp_conv_mixes_a_token_with_its_grid_neighbours_only():
     assert ((plain(changed) - plain(x)).abs().amax(dim=-1) > 0).sum() == 1
     with pytest.raises(ValueError, match="24 tokens do not form the grid"):
         mlp(x, (5, 5))
+
+
+def test_rope_scores_depend_on_the_relative_offset_only():
+    torch.manual_seed(0)
+    h, w, head_dim = 5, 6, 16
+    rope = rope_2d(h, w, head_dim)
+    q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
+    at = lambda r, c: r * w + c  # noqa: E731  (row-major token index)
+    rotated_q = apply_rope(q.expand(1, h * w, 1, head_dim), rope)[0, :, 0]  # [N, Dh]: q at every position
+    rotated_k = apply_rope(k.expand(1, h * w, 1, head_dim), rope)[0, :, 0]
+    score = lambda a, b: (rotated_q[at(*a)] * rotated_k[at(*b)]).sum()  # noqa: E731
+    # the same offset (+1 row, +2 columns) anywhere on the grid gives the same score
+    torch.testing.assert_close(score((0, 0), (1, 2)), score((3, 3), (4, 5)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score((2, 1), (2, 1)), (q * k).sum(), atol=1e-5, rtol=0)  # offset 0: no rotation
+    # other offsets, by row or by column, score differently
+    assert (score((0, 0), (1, 2)) - score((0, 0), (2, 1))).abs() > 1e-3
+    assert (score((0, 0), (0, 1)) - score((0, 0), (1, 0))).abs() > 1e-3
+
+
+def test_rope_makes_self_attention_see_token_positions():
+    torch.manual_seed(0)
+    attn = Attention(DIM, HEADS)
+    x = torch.randn(1, 12, DIM)  # a 3x4 grid
+    order = torch.randperm(12)
+    plain = attn(x)
+    torch.testing.assert_close(attn(x[:, order]), plain[:, order])  # without positions: permutation-equivariant
+    rope = rope_2d(3, 4, DIM // HEADS)
+    assert (attn(x[:, order], rope=rope) - attn(x, rope=rope)[:, order]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs self-attention"):
+        attn(x, context=torch.randn(1, 5, DIM), rope=rope)
+    with pytest.raises(ValueError, match="head_dim 6 is not divisible by 4"):
+        rope_2d(3, 4, 6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        LIDiT(4, 2, 24, depth=1, heads=4, rope=True)  # head width 6
 
 
 @pytest.mark.parametrize("condition", ["branch", "mean"])

@@ -65,6 +65,36 @@ def attention_bias(
     return allowed | ~has_keys, has_keys
 
 
+ROPE_BASE = 100.0  # small grids (8x8 tokens here): base 10,000 would leave most frequencies near 0
+
+
+def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary embedding of an h x w token grid (row-major): (cos, sin), each [h * w, head_dim].
+
+    Rotate-half layout: channel pair (j, j + head_dim / 2) turns by angle_j. The first quarter
+    of the pairs turns with the token's row, the second with its column, at frequencies
+    ROPE_BASE^(-i / quarter). A query at (r, c) and a key at (r', c') then score as a
+    function of (r - r', c - c') alone: relative position, at any grid size.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D rotary embedding: head_dim {head_dim} is not divisible by 4")
+    quarter = head_dim // 4
+    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # [quarter]
+    rows = torch.arange(h, dtype=torch.float32, device=device).repeat_interleave(w)  # [N]
+    cols = torch.arange(w, dtype=torch.float32, device=device).repeat(h)  # [N]
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # [N, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)  # [N, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, L, H, Dh] rotated by rope = (cos, sin) [L, Dh], in fp32, returned in x's dtype."""
+    cos, sin = (r[None, :, None, :] for r in rope)  # [1, L, 1, Dh]
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+
+
 #################################################################################
 #                                 Layers                                        #
 #################################################################################
@@ -88,7 +118,8 @@ class Attention(nn.Module):
 
     Queries come from x; keys and values from x (self) or from context (cross). QK-norm is an
     RMSNorm over each head's queries and keys, which bounds the attention logits (paper: used
-    in both self- and cross-attention of LI-DiT).
+    in both self- and cross-attention of LI-DiT). `rope` (self-attention only): the rotary
+    embedding of the query/key positions (`rope_2d`), applied after QK-norm.
     """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, context_dim: int | None = None,
@@ -111,7 +142,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [B, Lq, D], context [B, Lk, Dc] or None (self), key_mask [B, Lk] -> [B, Lq, D]."""
         source = x if context is None else context
         B, Lq, D = x.shape
@@ -119,6 +151,10 @@ class Attention(nn.Module):
         q = self.q_norm(self.q(x).view(B, Lq, self.heads, self.head_dim))  # [B, Lq, H, Dh]
         k, v = self.kv(source).view(B, Lk, 2, self.heads, self.head_dim).unbind(dim=2)  # [B, Lk, H, Dh] each
         k = self.k_norm(k)
+        if rope is not None:
+            if context is not None:
+                raise ValueError("attention: a rotary embedding needs self-attention (query and key positions)")
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         allowed, has_keys = attention_bias(Lq, key_mask, causal, device=x.device)
         if self.backend == "xformers":
             out = self._xformers(q, k, v, allowed)  # [B, Lq, H, Dh]

@@ -4,6 +4,10 @@ Data flow: latents [B, C, H, W] -> PatchEmbed -> ConvPositionEmbedding (a ResBlo
 token grid, no position table, so any H, W divisible by the patch works) -> LIDiTBlocks
 (self-attention, cross-attention to the text, FFN, all adaLN-modulated by timestep + pooled
 text) -> FinalLayer -> unpatchify.
+
+`rope=True` (config `model.rope`, not in the paper) adds a 2-D rotary embedding to the
+self-attention's queries and keys: attention then knows the relative offset of two tokens,
+which the convolutions alone give only within their few-token receptive field.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from train.layers import AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate
+from train.layers import AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate, rope_2d
 
 #################################################################################
 #                       Patchify and position embedding                          #
@@ -82,11 +86,13 @@ class LIDiTBlock(nn.Module):
         self.adaLN = AdaLNZero(dim, 9)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
-                hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """x [B, N, D], c [B, D], cond [B, L, Dt], cond_mask [B, L] -> [B, N, D]; hw: the token grid."""
+                hw: tuple[int, int] | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """x [B, N, D], c [B, D], cond [B, L, Dt], cond_mask [B, L] -> [B, N, D]; hw: the token grid;
+        rope: the grid's rotary embedding for the self-attention, or None."""
         (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN(c)  # [B, D] each
-        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa))
+        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope=rope)
         x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift_ca, scale_ca),
                                                        context=cond, key_mask=cond_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp), hw)
@@ -122,8 +128,12 @@ class LIDiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False):
+                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False):
         super().__init__()
+        if rope and (dim // heads) % 4:
+            raise ValueError(f"model.rope needs a head width (dim / heads = {dim // heads}) divisible by 4")
+        self.rope = rope
+        self.head_dim = dim // heads
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch = patch
@@ -160,7 +170,8 @@ class LIDiT(nn.Module):
         if t_emb is None:
             t_emb = self.timestep_embedding(t)  # [B, D]
         c = t_emb + self.text_pool(masked_mean(cond, cond_mask))  # [B, D]
+        rope = rope_2d(h, w, self.head_dim, device=x.device) if self.rope else None  # 2 x [N, Dh]
         for block in self.blocks:
-            x = block(x, c, cond, cond_mask, (h, w))  # [B, N, D]
+            x = block(x, c, cond, cond_mask, (h, w), rope)  # [B, N, D]
         x = self.final_layer(x, c)  # [B, N, p * p * C_out]
         return self.unpatchify(x, h, w)  # [B, C_out, H, W]

@@ -25,11 +25,12 @@ class TextToImageModel(nn.Module):
                  heads: int, mlp_ratio: float = 4.0, refiner_depth: int = 2, collab_depth: int = 1,
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
-                 mlp_conv: bool = False):
+                 mlp_conv: bool = False, rope: bool = False):
         super().__init__()
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
-        self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv)
+        self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
+                         rope=rope)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -98,4 +99,5 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "feature_norm": model.feature_norm,
         "collab_condition": model.collab_condition,
         "mlp_conv": model.mlp_conv,
+        "rope": model.rope,
     }

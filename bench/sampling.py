@@ -1,0 +1,104 @@
+"""Sampling settings rescored on saved weights: ShapeEval of one model under several
+(cfg_scale, steps, solver, weights) settings, side by side in one run.
+
+Training fixes the weights; these settings are chosen at evaluation. Each setting generates
+one image per held-out caption with the same noise (sample.seed) and scores it with the
+scorer of `make eval` (sample/shapeeval.py, unchanged). The floor and ceiling do not depend
+on these settings and are left out (`make eval` gives them). The prompt encoders and the
+codec are loaded once; the weights once per weights kind (EMA or raw).
+
+    python bench/sampling.py --config configs/long.yaml [--limit 512] \
+        [--cfg 3 2 4.5] [--steps 20 40] [--solver heun] [--weights ema raw] [--json]
+
+Every combination of the listed values is scored; the first value of each list is the
+baseline the others are compared with. The 95% interval of each overall score is the
+binomial one of docs/ABLATIONS.md (sample/ablations.py: `overall_variance`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]  # bench/train.py shadows `train`
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+from store import cli  # noqa: E402  (first: process defaults before torch loads)
+
+from sample.ablations import interval, overall_variance  # noqa: E402
+from sample.eval import held_out_rows  # noqa: E402
+from sample.generate import generate, load_codec, resolve_precision  # noqa: E402
+from sample.shapeeval import CATEGORIES, shapeeval  # noqa: E402
+from sample.text import PromptFeatures  # noqa: E402
+from store.config import load_config  # noqa: E402
+from store.reader import CacheReader  # noqa: E402
+from train.export import load_exported  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.config_parser("python bench/sampling.py", __doc__)
+    parser.add_argument("--limit", type=int, default=512, help="the first N held-out captions")
+    parser.add_argument("--cfg", type=float, nargs="+", help="cfg scales (default: the config's)")
+    parser.add_argument("--steps", type=int, nargs="+", help="solver steps (default: the config's)")
+    parser.add_argument("--solver", nargs="+", help="solvers (default: the config's)")
+    parser.add_argument("--weights", nargs="+", choices=("ema", "raw"), help="default: the config's")
+    parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
+    parser.add_argument("--json", action="store_true", help="print the records as JSON too")
+    args = parser.parse_args(argv)
+    cli.quiet_libraries()
+    config = load_config(args.config, args.overrides)
+    s = config.sample
+    grid = list(itertools.product(
+        args.weights or ["ema" if s.use_ema else "raw"], args.cfg or [s.cfg_scale],
+        args.steps or [s.steps], args.solver or [s.solver]))
+    checkpoint = args.checkpoint or config.run_path / "checkpoints"
+
+    records, text, codec, loaded = [], None, None, {}
+    for weights, cfg, steps, solver in grid:
+        if weights not in loaded:
+            loaded[weights] = load_exported(checkpoint, ema=weights == "ema")
+        exported = loaded[weights]
+        if text is None:
+            reader = CacheReader(config.cache_path, encoders=[e["name"] for e in exported.encoders])
+            rows, captions, scenes = held_out_rows(reader, exported, args.limit)
+            world = reader.meta["source"]["world"]
+            text = PromptFeatures(exported.encoders, exported.prefix, exported.null, device="cpu")
+            codec = load_codec(exported, "cpu")
+        started = time.perf_counter()
+        images = generate(exported, captions, steps=steps, cfg_scale=cfg, solver=solver, seed=s.seed,
+                          height=world["height"], width=world["width"], batch_size=s.batch_size,
+                          text=text, codec=codec, precision=resolve_precision(s.precision, "cpu"),
+                          progress=False)
+        seconds = time.perf_counter() - started
+        scores = shapeeval(images, scenes, world)
+        low, high = interval(scores["overall"], overall_variance(scores))
+        records.append({"weights": weights, "cfg_scale": cfg, "steps": steps, "solver": solver,
+                        "overall": scores["overall"], "interval95": [low, high],
+                        "categories": scores["categories"], "counts": scores["counts"],
+                        "seconds": seconds, "train_step": exported.step, "rows": len(captions)})
+        print(f"{weights} cfg {cfg:g} {solver} {steps} steps: overall {scores['overall']:.3f} "
+              f"({low:.3f}-{high:.3f}) in {seconds:.0f} s", flush=True)
+
+    base = records[0]["overall"]
+    shown = [c for c in CATEGORIES if c in records[0]["categories"]]
+    print(f"\n{config.run_path}, weights of step {records[0]['train_step']}, "
+          f"{records[0]['rows']} held-out captions")
+    print(f"{'weights':<8}{'cfg':>6}{'solver':>8}{'steps':>6}{'overall':>9}{'95%':>14}{'vs first':>9}"
+          + "".join(f"{c[:12]:>13}" for c in shown) + f"{'seconds':>9}")
+    for r in records:
+        low, high = r["interval95"]
+        print(f"{r['weights']:<8}{r['cfg_scale']:>6g}{r['solver']:>8}{r['steps']:>6}{r['overall']:>9.3f}"
+              f"{f'{low:.3f}-{high:.3f}':>14}{r['overall'] - base:>+9.3f}"
+              + "".join(f"{r['categories'][c]:>13.3f}" for c in shown) + f"{r['seconds']:>9.0f}")
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
