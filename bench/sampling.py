@@ -2,10 +2,11 @@
 (cfg_scale, steps, solver, weights) settings, side by side in one run.
 
 Training fixes the weights; these settings are chosen at evaluation. Each setting generates
-one image per held-out caption with the same noise (sample.seed) and scores it with the
-scorer of `make eval` (sample/shapeeval.py, unchanged). The floor and ceiling do not depend
-on these settings and are left out (`make eval` gives them). The prompt encoders and the
-codec are loaded once; the weights once per weights kind (EMA or raw).
+one image per held-out caption with the same noise (sample.seed) through `make eval`'s own
+code (sample/eval.py: `run_eval`, the scorer unchanged), its files written to
+<run>/sampling/<setting>. The floor and ceiling do not depend on these settings and are
+left out (`make eval` gives them). A setting's seconds include loading its weights and
+prompt encoders (a few seconds).
 
     python bench/sampling.py --config configs/long.yaml [--limit 512] \
         [--cfg 3 2 4.5] [--steps 20 40] [--solver heun] [--weights ema raw] [--json]
@@ -17,12 +18,13 @@ binomial one of docs/ABLATIONS.md (sample/ablations.py: `overall_variance`).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]  # bench/train.py shadows `train`
@@ -31,13 +33,9 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from store import cli  # noqa: E402  (first: process defaults before torch loads)
 
 from sample.ablations import interval, overall_variance  # noqa: E402
-from sample.eval import held_out_rows  # noqa: E402
-from sample.generate import generate, load_codec, resolve_precision  # noqa: E402
-from sample.shapeeval import CATEGORIES, shapeeval  # noqa: E402
-from sample.text import PromptFeatures  # noqa: E402
+from sample.eval import run_eval  # noqa: E402
+from sample.shapeeval import CATEGORIES  # noqa: E402
 from store.config import load_config  # noqa: E402
-from store.reader import CacheReader  # noqa: E402
-from train.export import load_exported  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,38 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", choices=("ema", "raw"), help="default: the config's")
     parser.add_argument("--checkpoint", type=Path, help="exported weights (default: <run>/checkpoints)")
     parser.add_argument("--json", action="store_true", help="print the records as JSON too")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     cli.quiet_libraries()
-    config = load_config(args.config, args.overrides)
-    s = config.sample
-    grid = list(itertools.product(
-        args.weights or ["ema" if s.use_ema else "raw"], args.cfg or [s.cfg_scale],
-        args.steps or [s.steps], args.solver or [s.solver]))
-    checkpoint = args.checkpoint or config.run_path / "checkpoints"
+    s = load_config(args.config, args.overrides).sample
+    grid = itertools.product(args.weights or ["ema" if s.use_ema else "raw"], args.cfg or [s.cfg_scale],
+                             args.steps or [s.steps], args.solver or [s.solver])
 
-    records, text, codec, loaded = [], None, None, {}
+    records = []
     for weights, cfg, steps, solver in grid:
-        if weights not in loaded:
-            loaded[weights] = load_exported(checkpoint, ema=weights == "ema")
-        exported = loaded[weights]
-        if text is None:
-            reader = CacheReader(config.cache_path, encoders=[e["name"] for e in exported.encoders])
-            rows, captions, scenes = held_out_rows(reader, exported, args.limit)
-            world = reader.meta["source"]["world"]
-            text = PromptFeatures(exported.encoders, exported.prefix, exported.null, device="cpu")
-            codec = load_codec(exported, "cpu")
+        config = load_config(args.config, [*args.overrides, f"sample.use_ema={weights == 'ema'}",
+                                           f"sample.cfg_scale={cfg}", f"sample.steps={steps}",
+                                           f"sample.solver={solver}"])
         started = time.perf_counter()
-        images = generate(exported, captions, steps=steps, cfg_scale=cfg, solver=solver, seed=s.seed,
-                          height=world["height"], width=world["width"], batch_size=s.batch_size,
-                          text=text, codec=codec, precision=resolve_precision(s.precision, "cpu"),
-                          progress=False)
+        out = config.run_path / "sampling" / f"{weights}-cfg{cfg:g}-{solver}{steps}"
+        result = run_eval(config, args.checkpoint, out, args.limit, args.device, progress=False,
+                          references=("model",))
         seconds = time.perf_counter() - started
-        scores = shapeeval(images, scenes, world)
+        scores = result["scores"]["model"]
         low, high = interval(scores["overall"], overall_variance(scores))
+        about = json.loads((result["out"] / "shapeeval.json").read_text())["settings"]
         records.append({"weights": weights, "cfg_scale": cfg, "steps": steps, "solver": solver,
                         "overall": scores["overall"], "interval95": [low, high],
                         "categories": scores["categories"], "counts": scores["counts"],
-                        "seconds": seconds, "train_step": exported.step, "rows": len(captions)})
+                        "seconds": seconds, "train_step": about["train_step"], "rows": result["rows"]})
         print(f"{weights} cfg {cfg:g} {solver} {steps} steps: overall {scores['overall']:.3f} "
               f"({low:.3f}-{high:.3f}) in {seconds:.0f} s", flush=True)
 

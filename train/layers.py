@@ -68,6 +68,13 @@ def attention_bias(
 ROPE_BASE = 100.0  # small grids (8x8 tokens here): base 10,000 would leave most frequencies near 0
 
 
+def rope_quarter(head_dim: int) -> int:
+    """The frequencies per axis of a 2-D rotary embedding of width head_dim; refuses a width not divisible by 4."""
+    if head_dim % 4:
+        raise ValueError(f"2-D rotary embedding: head_dim {head_dim} is not divisible by 4")
+    return head_dim // 4
+
+
 def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial 2-D rotary embedding of an h x w token grid (row-major): (cos, sin), each [h * w, head_dim].
 
@@ -76,9 +83,7 @@ def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, t
     ROPE_BASE^(-i / quarter). A query at (r, c) and a key at (r', c') then score as a
     function of (r - r', c - c') alone: relative position, at any grid size.
     """
-    if head_dim % 4:
-        raise ValueError(f"2-D rotary embedding: head_dim {head_dim} is not divisible by 4")
-    quarter = head_dim // 4
+    quarter = rope_quarter(head_dim)
     freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # [quarter]
     rows = torch.arange(h, dtype=torch.float32, device=device).repeat_interleave(w)  # [N]
     cols = torch.arange(w, dtype=torch.float32, device=device).repeat(h)  # [N]

@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn as nn
 
-from train.layers import AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate, rope_2d
+from train.layers import (AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate, rope_2d,
+                          rope_quarter)
 
 #################################################################################
 #                       Patchify and position embedding                          #
@@ -130,8 +131,8 @@ class LIDiT(nn.Module):
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False):
         super().__init__()
-        if rope and (dim // heads) % 4:
-            raise ValueError(f"model.rope needs a head width (dim / heads = {dim // heads}) divisible by 4")
+        if rope:
+            rope_quarter(dim // heads)  # refuse a head width the rotary embedding cannot split, at build time
         self.rope = rope
         self.head_dim = dim // heads
         self.in_channels = in_channels
