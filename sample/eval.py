@@ -8,7 +8,10 @@ scored the same way, by `shapeeval` and `positional_bias` (sample/shapeeval.py):
 - ceiling: the rows' own ground-truth renderings, decoded from the cached latents: what a
            perfect generator scores (below 1 only where the codec or the scorer loses).
 
-Images are generated at the world's size, since each scene is judged at its own size.
+Images are generated at the world's size, since each scene is judged at its own size. The
+captions' text features are the cache's own (`make embed` wrote them with the same prompt
+encoder that `make sample` runs), so no LLM is loaded and `make eval` runs wherever training
+runs, with or without the LLM packages.
 Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, grid.png (the
 first 32 generated images) and grid_captions.txt to <run>/eval.
 """
@@ -31,7 +34,7 @@ from embed.encoder import EncoderError
 from sample.generate import SampleError, generate, image_grid, load_codec, resolve_precision
 from sample.layouts import save_png
 from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, shapeeval
-from sample.text import PromptFeatureError
+from sample.text import CachedText, PromptFeatureError
 from store.config import Config, ConfigError, load_config
 from store.reader import CacheError, CacheReader
 from store.storage import location
@@ -147,10 +150,12 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
                 "height": world["height"], "width": world["width"], "batch_size": s.batch_size,
                 "precision": resolve_precision(s.precision, device)}
     codec = load_codec(exported, device)
+    # The held-out captions' states as `make embed` wrote them: no LLM runs here (sample/text.py)
+    text = CachedText(reader, dict(zip(captions, rows)), [e["name"] for e in exported.encoders])
     make = {
-        "model": lambda: generate(exported, captions, **settings, progress=progress, codec=codec),
+        "model": lambda: generate(exported, captions, **settings, progress=progress, codec=codec, text=text),
         "floor": lambda: generate(exported, captions, **settings, unconditional_only=True, progress=progress,
-                                  codec=codec),
+                                  codec=codec, text=text),
         "ceiling": lambda: ground_truth_images(reader, rows, codec, s.batch_size),
     }
     images = {name: make[name]() for name in REFERENCES if name in references}

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from embed.encoder import encoder_from_record
-from store.reader import TextFeatures, assemble_text
+from store.reader import CacheReader, TextFeatures, assemble_text
 
 
 class PromptFeatureError(ValueError):
@@ -50,6 +50,27 @@ class PromptFeatures:
     def null(self, batch: int) -> list[TextFeatures]:
         """The unconditional text (prefix + empty-caption states) for `batch` rows, per encoder."""
         return [assemble_text(self.prefix[n], [self.null_states[n]] * batch) for n in self.names]
+
+
+class CachedText:
+    """PromptFeatures' interface over the cache's own features of fixed rows: no LLM is loaded.
+
+    For captions the cache already holds (its held-out rows), the states `make embed` wrote are
+    the prompt encoder's output, so the training-time scores and `make eval` read them instead
+    of running the LLM again; both then run where training runs, LLM packages or not."""
+
+    def __init__(self, reader: CacheReader, row_of_caption: dict[str, int], names: list[str]):
+        text = reader.take(list(row_of_caption.values()), with_latents=False)["text"]
+        self.names, self.index = names, {c: i for i, c in enumerate(row_of_caption)}
+        self.features = [text[n] for n in names]
+        self.reader = reader
+
+    def encode(self, captions: list[str]) -> list:
+        index = torch.tensor([self.index[c] for c in captions])
+        return [TextFeatures(f.states[index], f.mask[index], f.prefix_len) for f in self.features]
+
+    def null(self, batch: int) -> list:
+        return [assemble_text(self.reader.prefix[n], [self.reader.null[n]] * batch) for n in self.names]
 
 
 def _pad_to(features: TextFeatures, length: int) -> TextFeatures:

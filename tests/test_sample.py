@@ -138,3 +138,17 @@ def test_eval_scores_model_floor_and_ceiling_and_the_ceiling_is_perfect(run_conf
     for name in ("table.txt", "positional_bias.json", "positional_bias.png", "grid.png", "grid_captions.txt"):
         assert (tmp_path / name).is_file(), name
     assert len((tmp_path / "grid_captions.txt").read_text().splitlines()) == 6
+
+
+def test_eval_reads_the_cached_text_and_loads_no_llm(run_config, tmp_path, monkeypatch):
+    # A training node may hold the cache and the weights but not the LLMs (the GPU run of
+    # docs/RESULTS.md, session 7): eval must not build a prompt encoder.
+    import sample.text
+
+    def refuse(record, device):
+        raise AssertionError(f"eval loaded the prompt encoder {record['name']}")
+
+    monkeypatch.setattr(sample.text, "encoder_from_record", refuse)
+    config = build(Config, yaml.safe_load(run_config.read_text()), "")
+    result = run_eval(config, out=tmp_path, limit=4, progress=False, references=("model",))
+    assert result["rows"] == 4 and 0.0 <= result["scores"]["model"]["overall"] <= 1.0

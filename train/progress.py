@@ -21,27 +21,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sample.generate import generate, load_codec
+from sample.text import CachedText
 from sample.shapeeval import CATEGORIES, format_table, shapeeval
 from store.config import Config
-from store.reader import CacheReader, TextFeatures, assemble_text
+from store.reader import CacheReader
 from store.storage import write_atomic
-
-
-class CachedText:
-    """PromptFeatures' interface over the cache's own features of fixed rows (no LLM)."""
-
-    def __init__(self, reader: CacheReader, row_of_caption: dict[str, int], names: list[str]):
-        text = reader.take(list(row_of_caption.values()), with_latents=False)["text"]
-        self.names, self.index = names, {c: i for i, c in enumerate(row_of_caption)}
-        self.features = [text[n] for n in names]
-        self.reader = reader
-
-    def encode(self, captions: list[str]) -> list:
-        index = torch.tensor([self.index[c] for c in captions])
-        return [TextFeatures(f.states[index], f.mask[index], f.prefix_len) for f in self.features]
-
-    def null(self, batch: int) -> list:
-        return [assemble_text(self.reader.prefix[n], [self.reader.null[n]] * batch) for n in self.names]
 
 
 class LiveModel:
