@@ -59,7 +59,7 @@ def test_override_sets_a_nested_value():
     ("model.fusion=sum", r"model.fusion: 'sum' is not one of \['collaborative', 'concat'\]"),
     ("sample.solver=ddim", r"sample.solver: 'ddim' does not fit train.objective 'flow'"),
     ("model.encoders=[gpt]", r"model.encoders: \['gpt'\] not among encoders"),
-    ("model.rope=true model.heads=32", r"model.rope: the head width model.dim / model.heads = 6 must be divisible by 4"),
+    ("model.rope=true model.dim=192 model.heads=32", r"model.rope: the head width model.dim / model.heads = 6 must be divisible by 4"),
     ("train.steps=many", r"train.steps: expected an integer"),
     ("encoders.0.layer=0", r"encoders\[0\].layer: 0 is the embedding layer"),
     ("train.batch_size=0", r"train.batch_size: must be >= 1, got 0"),
