@@ -4,6 +4,8 @@ Each encoder the model consumes is rebuilt from its cache record with the same
 `PromptEncoder` class the embed job used, so a prompt is tokenised and encoded exactly as
 a training caption was. The instruction prefix and the unconditional (empty-caption)
 states are not recomputed: they come from the export, the very tensors training saw.
+`CachedText` gives the same interface over captions the cache already holds (its held-out
+rows), for the scores during training and `make eval`: no LLM is loaded.
 """
 
 from __future__ import annotations
@@ -66,8 +68,14 @@ class CachedText:
         self.reader = reader
 
     def encode(self, captions: list[str]) -> list:
+        """Per encoder, the captions' cached TextFeatures, padded to the longest of these captions."""
         index = torch.tensor([self.index[c] for c in captions])
-        return [TextFeatures(f.states[index], f.mask[index], f.prefix_len) for f in self.features]
+        out = []
+        for f in self.features:
+            mask = f.mask[index]
+            longest = int(mask.sum(dim=1).max())  # right-padded: the real tokens come first
+            out.append(TextFeatures(f.states[index, :longest], mask[:, :longest], f.prefix_len))
+        return out
 
     def null(self, batch: int) -> list:
         return [assemble_text(self.reader.prefix[n], [self.reader.null[n]] * batch) for n in self.names]

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sample.generate import generate, load_codec
-from sample.text import CachedText
 from sample.shapeeval import CATEGORIES, format_table, shapeeval
+from sample.text import CachedText
 from store.config import Config
 from store.reader import CacheReader
 from store.storage import write_atomic
