@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from store.config import Config, build, validate
+from store.config import Config, ConfigError, build, validate
 from store.reader import CacheError
 from train.run import run_train
 from train.data import BucketBatchSampler, share
@@ -50,6 +50,14 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
     a, b = losses(straight), losses(resumed)
     assert list(a.index) == list(range(8)) and list(b.index) == [4, 5, 6, 7]  # the log goes on
     np.testing.assert_allclose(b.to_numpy(), a.loc[4:].to_numpy(), rtol=1e-6)
+    # A config whose model no longer matches the checkpoint is refused, saying what differs,
+    # and the checkpoint is left as it was.
+    changed = config_for(tiny_cache, tmp_path / "b", train={"steps": 10}, model={"dim": 2 * resumed.model.dim})
+    last = resumed.run_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match=r"cannot resume .*model\.dim: \d+ in the checkpoint, \d+ now"):
+        run_train(changed, progress=False)
+    assert last.read_bytes() == before
 
 
 def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:

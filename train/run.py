@@ -7,17 +7,19 @@ benchmarks. No LLM is loaded: the text side reads the cached features.
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from store.config import Config
+from store.config import Config, ConfigError
 from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
@@ -40,6 +42,29 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     accelerator = accelerator or config.train.accelerator
     hardware = detect("cpu" if accelerator == "cpu" else "auto")
     return train_precision(config.train.precision, hardware), hardware
+
+
+def check_resumable(checkpoint: Path | RemotePath, config: Config) -> None:
+    """Refuse, with what differs, a last.ckpt whose model the config no longer builds.
+
+    Otherwise the resume dies deep in load_state_dict with one size mismatch per tensor:
+    what a user sees after the default model changed under an old runs/<name>."""
+    saved = torch.load(io.BytesIO(checkpoint.read_bytes()), map_location="cpu", weights_only=True)
+    saved = saved.get("hyper_parameters", {}).get("config", {})
+    now = config.to_dict()
+    # keys the checkpoint lacks are switches added since, whose defaults build the old model
+    differ = [f"model.{k}: {v!r} in the checkpoint, {now['model'][k]!r} now"
+              for k, v in saved.get("model", {}).items() if k in now["model"] and now["model"][k] != v]
+
+    def encoders(c: dict) -> list:
+        return [(e["name"], e["path"], e["layer"]) for e in c.get("encoders", [])]
+
+    if "encoders" in saved and encoders(saved) != encoders(now):
+        differ.append(f"encoders: {encoders(saved)} in the checkpoint, {encoders(now)} now")
+    if differ:
+        raise ConfigError(f"cannot resume from {checkpoint}: it was trained with another model ("
+                          + "; ".join(differ) + "). Train under another name (--set name=...), "
+                          "or start over with --fresh (the checkpoint is then overwritten)")
 
 
 def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True,
@@ -96,8 +121,10 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     if prepare is not None:
         trainer = prepare(trainer)
     resuming = not fresh and resume.is_file()
-    if resuming and rank_zero_only.rank == 0:
-        log(f"train: resuming from {resume}")
+    if resuming:
+        check_resumable(resume, config)
+        if rank_zero_only.rank == 0:
+            log(f"train: resuming from {resume}")
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resuming else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
     # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
