@@ -49,7 +49,10 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> None:
 
     Otherwise the resume dies deep in load_state_dict with one size mismatch per tensor:
     what a user sees after the default model changed under an old runs/<name>."""
-    saved = torch.load(io.BytesIO(checkpoint.read_bytes()), map_location="cpu", weights_only=True)
+    # A local file is memory-mapped: only the hyper-parameters are read here, and fit reads
+    # the tensors once (an object-store checkpoint has to be fetched whole).
+    source = checkpoint if isinstance(checkpoint, Path) else io.BytesIO(checkpoint.read_bytes())
+    saved = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(checkpoint, Path))
     saved = saved.get("hyper_parameters", {}).get("config", {})
     now = config.to_dict()
     # keys the checkpoint lacks are switches added since, whose defaults build the old model
