@@ -2,10 +2,12 @@
 
 Reads the records `python -m train.matrix configs/matrices/ablations.yaml` wrote (one per
 recipe and seed) and lays them out as the paper's tables: per recipe the mean ShapeEval
-score over seeds, its spread (min-max over seeds) and a 95% interval from the binomial
-noise of the held-out prompts (`overall_variance`: the overall score is a mean of category
-accuracies). Each of the paper's claims (PAPER.md, "Evaluation in the paper") is judged
-from the difference of two recipes' mean scores and that difference's 95% interval:
+score over seeds, its spread (min-max over seeds) and a 95% interval from two noises: the
+binomial noise of the held-out prompts (`overall_variance`: the overall score is a mean of
+category accuracies), and the seed-to-seed noise of training, pooled over every recipe run
+with two seeds or more (`seed_variance`; with 2 seeds a recipe's own spread is too rough an
+estimate). Each of the paper's claims (PAPER.md, "Evaluation in the paper") is judged from
+the difference of two recipes' mean scores and that difference's 95% interval:
 
 - a claim that A beats B: "reproduced" if the interval lies above 0, "contradicted" if
   below, else "cannot tell at this size";
@@ -115,17 +117,37 @@ def interval(mean: float, variance: float) -> tuple[float, float]:
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
-def aggregate(records: list[dict]) -> dict[str, dict]:
-    """Per recipe: seeds, mean and spread of the overall score over seeds, the binomial
-    variance of that mean (the held-out prompts' sampling noise) and its 95% interval."""
-    by_recipe: dict[str, list[dict]] = {}
+def by_recipe(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
     for record in records:
-        by_recipe.setdefault(record["recipe"], []).append(record)
-    out = {}
-    for recipe, group in by_recipe.items():
+        groups.setdefault(record["recipe"], []).append(record)
+    return groups
+
+
+def seed_variance(records: list[dict]) -> float:
+    """The variance of one run's overall score from seed to seed, pooled over the recipes
+    with two seeds or more: sum over recipes of the squared deviations from the recipe's
+    mean, over sum(seeds - 1). 0 when no recipe has two seeds (then only the prompts'
+    noise is counted, and the report says so)."""
+    squares, freedom = 0.0, 0
+    for group in by_recipe(records).values():
         scores = [r["overall"] for r in group]
         mean = sum(scores) / len(scores)
-        variance = sum(overall_variance(r) for r in group) / len(group) ** 2
+        squares += sum((x - mean) ** 2 for x in scores)
+        freedom += len(scores) - 1
+    return squares / freedom if freedom else 0.0
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """Per recipe: seeds, mean and spread of the overall score over seeds, the variance of
+    that mean (the held-out prompts' binomial noise plus the pooled seed-to-seed noise over
+    the recipe's seeds) and its 95% interval."""
+    seeds = seed_variance(records)
+    out = {}
+    for recipe, group in by_recipe(records).items():
+        scores = [r["overall"] for r in group]
+        mean = sum(scores) / len(scores)
+        variance = sum(overall_variance(r) for r in group) / len(group) ** 2 + seeds / len(group)
         bins = []
         for i, bin_ in enumerate(group[0]["bias_bins"]):
             means = [r["bias_bins"][i]["mean"] for r in group if r["bias_bins"][i]["mean"] is not None]
@@ -138,10 +160,16 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             "categories": {c: sum(r["categories"].get(c, 0.0) for r in group) / len(group)
                            for c in CATEGORIES if c in group[0]["categories"]},
             "bias_bins": bins,
+            "machines": sorted({machine_label(r.get("hardware", "?")) for r in group}),
             "heldout_loss": (sum(r["heldout_loss"] for r in group) / len(group)
                              if all("heldout_loss" in r for r in group) else None),
         }
     return out
+
+
+def machine_label(hardware: str) -> str:
+    """A short name of the machine a run recorded: "cuda (NVIDIA H200): sm_90, ..." -> "NVIDIA H200"."""
+    return hardware.partition("(")[2].partition(")")[0] or hardware
 
 
 def verdict(claim: Claim, stats: dict[str, dict]) -> tuple[str, float | None, tuple[float, float] | None]:
@@ -164,28 +192,35 @@ def verdict(claim: Claim, stats: dict[str, dict]) -> tuple[str, float | None, tu
     return text, diff, (low, high)
 
 
-def render(stats: dict[str, dict], records: list[dict], machine: str, notes: str) -> str:
+def render(stats: dict[str, dict], records: list[dict], machines: list[str], notes: str) -> str:
+    seeds = seed_variance(records)
+    noise = (f"the pooled seed-to-seed sd of one run is {seeds ** 0.5:.3f}" if seeds
+             else "no recipe has two seeds yet, so only the prompts' noise is counted")
     lines = ["# The paper's ablations on the shapes world", "",
              "Generated by `python -m sample.ablations` from the runs of `make ablations`",
              "(configs/matrices/ablations.yaml; raw records in docs/ablations.json). Each score is",
              "ShapeEval overall (sample/shapeeval.py, EMA weights, the default sampler) on the first",
              "held-out prompts; **mean** over seeds, **spread** = min-max over seeds, **95%** = the",
-             "interval from the prompts' binomial noise (sample/ablations.py). A claim is judged on the",
-             "difference of two recipes' means and its 95% interval (the module's docstring).", "",
-             f"Runs: {len(records)} ({len({r['recipe'] for r in records})} recipes). Machine: {machine}.", ""]
+             "interval of the mean from the prompts' binomial noise and the seed-to-seed noise pooled",
+             f"over all recipes ({noise}). A claim is judged on the difference of two recipes' means",
+             "and its 95% interval (sample/ablations.py). PAPER.md states the direction of each of the",
+             "paper's results, not its values, so each table puts the paper's claim beside our verdict.", "",
+             f"Runs: {len(records)} ({len({r['recipe'] for r in records})} recipes). Machines (the `machine` "
+             f"column): {'; '.join(machines) or '-'}.", ""]
     for table in TABLES:
         lines += [f"## {table.title}", "", f"Baseline: {table.baseline}.", "",
-                  "| recipe | what | seeds | steps | mean | spread | 95% | position (last bin - first) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| recipe | what | seeds | steps | machine | mean | spread | 95% | position (last bin - first) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for recipe, what in table.rows:
             s = stats.get(recipe)
             if s is None:
-                lines.append(f"| {recipe} | {what} | not run | | | | | |")
+                lines.append(f"| {recipe} | {what} | not run | | | | | | |")
                 continue
             first, last = s["bias_bins"][0]["mean"], s["bias_bins"][-1]["mean"]
             drop = f"{last - first:+.3f}" if first is not None and last is not None else "-"
-            lines.append(f"| {recipe} | {what} | {len(s['seeds'])} | {s['steps']:.0f} | {s['mean']:.3f} | "
-                         f"{s['min']:.3f}-{s['max']:.3f} | {s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {drop} |")
+            lines.append(f"| {recipe} | {what} | {len(s['seeds'])} | {s['steps']:.0f} | {', '.join(s['machines'])} | "
+                         f"{s['mean']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
+                         f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {drop} |")
         if table.claims:
             lines += ["", "| the paper's claim | A - B | 95% | ours |", "|---|---|---|---|"]
             for claim in table.claims:
@@ -194,7 +229,17 @@ def render(stats: dict[str, dict], records: list[dict], machine: str, notes: str
                 span = "-" if interval is None else f"{interval[0]:+.3f} to {interval[1]:+.3f}"
                 lines.append(f"| {claim.text} ({claim.a} vs {claim.b}) | {shown} | {span} | {text} |")
         lines.append("")
-    lines += ["## Positional bias", "",
+    categories = [c for c in CATEGORIES if any(c in s["categories"] for s in stats.values())]
+    lines += ["## Every recipe by category", "",
+              "Mean over seeds; the held-out loss is the EMA model's flow loss on the same held-out rows,",
+              "times and noise for every run (train/matrix.py: `heldout_loss`).", "",
+              "| recipe | seeds | overall | held-out loss | " + " | ".join(categories) + " |",
+              "|---" * (4 + len(categories)) + "|"]
+    for recipe, s in stats.items():
+        loss = "-" if s["heldout_loss"] is None else f"{s['heldout_loss']:.4f}"
+        lines.append(f"| {recipe} | {len(s['seeds'])} | {s['mean']:.3f} | {loss} | "
+                     + " | ".join(f"{s['categories'].get(c, 0.0):.2f}" for c in categories) + " |")
+    lines += ["", "## Positional bias", "",
               "Attribute binding by where the mention starts in the prompt (mean over seeds):", "",
               "![positional bias](figures/ablations_positional_bias.png)", ""]
     return "\n".join(lines) + "\n" + NOTES_MARKER + "\n" + notes
@@ -202,10 +247,11 @@ def render(stats: dict[str, dict], records: list[dict], machine: str, notes: str
 
 def write_report(records: list[dict], docs: Path) -> Path:
     stats = aggregate(records)
-    machines = sorted({r.get("hardware", "?") for r in records})
+    machines = sorted({f"{machine_label(r.get('hardware', '?'))} = {r.get('hardware', '?')}, "
+                       f"{r.get('precision', '?')}" for r in records})
     out = docs / "ABLATIONS.md"
     notes = out.read_text().partition(NOTES_MARKER)[2].lstrip("\n") if out.is_file() else ""
-    out.write_text(render(stats, records, "; ".join(machines) or "-", notes))
+    out.write_text(render(stats, records, machines, notes))
     (docs / "ablations.json").write_text(json.dumps(records, indent=1) + "\n")
     curves = {label: {"bins": stats[recipe]["bias_bins"]} for recipe, label in BIAS_FIGURE if recipe in stats}
     if curves:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sample.ablations import TABLES, Claim, aggregate, verdict, write_report
+from sample.ablations import TABLES, Claim, aggregate, seed_variance, verdict, write_report
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
 
@@ -69,6 +69,21 @@ def test_interval_of_the_category_mean_and_claim_verdicts():
     assert verdict(Claim("", "same", "strong", "="), stats)[0] == "consistent"
     assert verdict(Claim("", "strong", "weak", "="), stats)[0] == "contradicted"
     assert verdict(Claim("", "strong", "missing", ">"), stats)[0] == "not run"
+
+
+def test_seed_noise_widens_the_interval_of_every_recipe():
+    # 0.02 apart on 1000 prompts each: the prompts' noise alone calls it, but the seeds of one
+    # recipe scatter by +-0.03, which the pooled seed variance carries over to every recipe
+    one_seed = [_record("a", 0.30), _record("b", 0.28)]
+    assert verdict(Claim("", "a", "b", ">"), aggregate(one_seed))[0] == "cannot tell at this size"
+    precise = [_record("a", 0.30, n=20000), _record("b", 0.28, n=20000)]
+    assert verdict(Claim("", "a", "b", ">"), aggregate(precise))[0] == "reproduced"
+    noisy = precise + [_record("c", 0.27, 0, n=20000), _record("c", 0.33, 1, n=20000)]
+    assert seed_variance(noisy) == pytest.approx(0.03**2 * 2)  # ((-0.03)^2 + 0.03^2) / (2 - 1)
+    stats = aggregate(noisy)
+    assert verdict(Claim("", "a", "b", ">"), stats)[0] == "cannot tell at this size"
+    assert stats["a"]["interval"][1] - stats["a"]["interval"][0] > 2 * 1.96 * 0.04
+    assert stats["c"]["machines"] == ["?"]  # records without a machine still aggregate
 
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
