@@ -149,6 +149,9 @@ class TrainConfig:
     devices: int | Literal["auto"] = 1
     accelerator: str = "auto"
     num_workers: int = 0
+    # torch.compile the model for training (inductor; the text is padded to a multiple of 16
+    # tokens so that few shapes compile): "off", or a torch.compile mode
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     checkpoint_every: int = 500
     log_every: int = 50
     max_minutes: float | None = None  # stop early (and checkpoint) after this wall time

@@ -36,10 +36,12 @@ class TextFeatures:
     prefix_len: int  # leading instruction tokens (dropped after the collaborative refiner)
 
 
-def assemble_text(prefix: torch.Tensor, captions: list[torch.Tensor]) -> TextFeatures:
-    """Prefix [P, D] + per-row caption states [n_i, D] -> padded [B, P + max n_i, D]."""
+def assemble_text(prefix: torch.Tensor, captions: list[torch.Tensor], multiple: int = 1) -> TextFeatures:
+    """Prefix [P, D] + per-row caption states [n_i, D] -> padded [B, P + max n_i, D], the length
+    rounded up to a multiple of `multiple` (a compiled model then sees a few shapes, not one per batch)."""
     batch, p = len(captions), prefix.shape[0]
     longest = p + max((c.shape[0] for c in captions), default=0)
+    longest = -(-longest // multiple) * multiple
     states = torch.zeros(batch, longest, prefix.shape[1], dtype=prefix.dtype)
     mask = torch.zeros(batch, longest, dtype=torch.bool)
     for i, c in enumerate(captions):
@@ -108,8 +110,9 @@ class CacheReader:
         table = self.dataset.to_table(columns=[name])
         return table.column(name).to_numpy(zero_copy_only=False)
 
-    def take(self, rows, drop_text=None, with_latents: bool = True) -> dict:
-        """A batch for `rows` (row indices); rows flagged in `drop_text` get the null text."""
+    def take(self, rows, drop_text=None, with_latents: bool = True, pad_multiple: int = 1) -> dict:
+        """A batch for `rows` (row indices); rows flagged in `drop_text` get the null text; each
+        encoder's text is padded to a multiple of `pad_multiple` tokens."""
         rows = [int(r) for r in rows]
         columns = ["id", "caption"]
         for e in self.encoders:
@@ -123,7 +126,7 @@ class CacheReader:
             name = e["name"]
             flat, offsets = states_from_column(table.column(f"{name}__states"), e["store_dtype"], e["hidden_size"])
             captions = [self.null[name] if drop[i] else flat[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
-            batch["text"][name] = assemble_text(self.prefix[name], captions)
+            batch["text"][name] = assemble_text(self.prefix[name], captions, pad_multiple)
         if with_latents:
             batch["latents"] = self._latents(table)
         return batch

@@ -27,6 +27,11 @@ from store.config import Config
 from store.reader import CacheReader
 
 
+# A compiled model is specialised to its input shapes: the text is padded to a multiple of this
+# many tokens, so a run compiles for a few lengths instead of recompiling at every new one.
+COMPILED_PAD = 16
+
+
 def share(rows: list | np.ndarray, rank: int, world_size: int) -> list | np.ndarray:
     """Rank `rank`'s contiguous share of a global batch's rows or per-row values (it divides evenly)."""
     size = len(rows) // world_size
@@ -95,12 +100,13 @@ class CachedBatches(Dataset):
     """dataset[rows] or dataset[(rows, rank, world_size)] -> one training batch (reader.take),
     the rank's share of the global batch `rows`, with seeded caption dropout."""
 
-    def __init__(self, reader: CacheReader, caption_dropout: float, seed: int):
+    def __init__(self, reader: CacheReader, caption_dropout: float, seed: int, pad_multiple: int = 1):
         self.reader, self.caption_dropout, self.seed = reader, caption_dropout, seed
+        self.pad_multiple = pad_multiple
 
     def __getitem__(self, key: list[int] | tuple[list[int], int, int]) -> dict:
         rows, drop = rows_and_dropout(key, self.caption_dropout, self.seed)
-        batch = self.reader.take(rows, drop_text=drop)
+        batch = self.reader.take(rows, drop_text=drop, pad_multiple=self.pad_multiple)
         batch.pop("ids")
         batch.pop("captions")
         return batch
@@ -132,7 +138,8 @@ class CacheDataModule(L.LightningDataModule):
         )
         workers = self.config.train.num_workers
         return DataLoader(
-            CachedBatches(self.reader, self.config.train.caption_dropout, self.config.seed),
+            CachedBatches(self.reader, self.config.train.caption_dropout, self.config.seed,
+                          pad_multiple=COMPILED_PAD if self.config.train.compile != "off" else 1),
             sampler=sampler, batch_size=None, num_workers=workers,
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=workers > 0,

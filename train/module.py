@@ -33,6 +33,13 @@ class LIDiTModule(L.LightningModule):
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.objective = objective_from_config(self.config.train)
 
+    def configure_model(self) -> None:
+        """Compile the trained model in place when train.compile asks (its state_dict keys stay
+        as they are, so checkpoints and exports do not change); the EMA copy stays eager."""
+        if self.config.train.compile != "off" and not getattr(self, "_compiled", False):
+            self.model.compile(mode=self.config.train.compile, dynamic=False)
+            self._compiled = True
+
     def forward(self, x, t, features, masks):
         return self.model(x, t, features, masks)
 
