@@ -86,6 +86,22 @@ def test_seed_noise_widens_the_interval_of_every_recipe():
     assert stats["c"]["machines"] == ["?"]  # records without a machine still aggregate
 
 
+def test_claims_are_judged_on_the_held_out_loss_too():
+    # equal scores, but A's held-out loss is lower by 10x its seed scatter: lower loss is better
+    records = [{**_record(name, 0.2, seed), "heldout_loss": loss}
+               for name, losses in {"a": (0.080, 0.082), "b": (0.100, 0.098)}.items()
+               for seed, loss in enumerate(losses)]
+    stats = aggregate(records)
+    assert seed_variance(records, "heldout_loss") == pytest.approx(0.001**2 * 2)
+    assert verdict(Claim("", "a", "b", ">"), stats)[0] == "cannot tell at this size"
+    text, diff, (low, high) = verdict(Claim("", "a", "b", ">"), stats, "loss")
+    assert (text, round(diff, 4)) == ("reproduced", -0.018) and low < diff < high < 0
+    assert verdict(Claim("", "b", "a", ">"), stats, "loss")[0] == "contradicted"
+    assert verdict(Claim("", "a", "b", "="), stats, "loss")[0] == "contradicted"
+    unmeasured = aggregate([_record("a", 0.2), _record("b", 0.1)])
+    assert verdict(Claim("", "a", "b", ">"), unmeasured, "loss")[0] == "not measured"
+
+
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({**tiny_cache, "cache_dir": f"{tiny_cache['run_dir']}/cache"}))
