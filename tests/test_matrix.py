@@ -35,6 +35,13 @@ def test_every_ablation_recipe_is_in_the_matrix_and_sits_on_its_tables_baseline(
     by_name = {e.name: e for e in recipes["llm-chat-refiner"].encoders}
     assert by_name["smollm2_chat"].template_suffix == "drop" and by_name["smollm2_chat"].system_prompt
     assert recipes["two-llm-concat"].model.fusion == "concat"
+    # Gemma's features carry channels near 23,000 on every token: each recipe that reads them
+    # normalises them, and Table 6 compares its rows with the same feature norm
+    for name, config in recipes.items():
+        if {"gemma3", "gemma3_plain"} & set(config.model.encoders):
+            assert config.model.feature_norm == "rms", name
+    table6 = next(t for t in TABLES if t.title.startswith("Table 6"))
+    assert {recipes[r].model.feature_norm for r, _ in table6.rows} == {"rms"}
     assert recipes["two-llm-collaborative-mean"].model.collab_condition == "mean"
 
 
