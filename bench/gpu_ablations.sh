@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Part of the ablation matrix (configs/matrices/ablations.yaml) on one GPU: the recipes named,
-# every seed of the file, all at once (one 1-thread process each; the trainer is host-bound on a
+# every seed asked for, all at once (one 1-thread process each; the trainer is host-bound on a
 # GPU, docs/BENCHMARKS.md, so many runs share one device well). Each run is the matrix's own
 # (same steps, batch, seeds and scoring) except:
 #   - train.precision is 32-true, what `auto` picks on a CPU without AMX, so a GPU run and a
@@ -13,7 +13,8 @@
 #   bash bench/gpu_ablations.sh OUT MAX_MINUTES RECIPE...
 #
 # Needs the ablation cache at runs/ablations/cache with (at least) the recipes' encoders. PY picks
-# the interpreter (default python3); JOBS the runs at once (default: all of them, the file's two seeds per recipe).
+# the interpreter (default python3); SEEDS the seeds (default: the file's, 0 and 1), e.g. SEEDS="2 3" for
+# more seeds of close calls; JOBS the runs at once (default: all of them, every seed of every recipe).
 # MAX_MINUTES is a whole number; the matrix gets two more minutes to score before it is stopped.
 set -u
 usage="usage: bash bench/gpu_ablations.sh OUT MAX_MINUTES RECIPE..."
@@ -28,8 +29,10 @@ sed -e "s/^  train.max_minutes: null.*/  train.max_minutes: $MINUTES/" \
 grep -q "train.max_minutes: $MINUTES" "$matrix" && grep -q "train.precision: 32-true" "$matrix" \
   || { echo "bench/gpu_ablations.sh: could not set the cap and the precision in $matrix" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/summary.txt"
+read -r -a seeds <<< "${SEEDS:-0 1}"
 started=$SECONDS
-timeout $(( MINUTES * 60 + 120 )) $PY -m train.matrix "$matrix" --jobs "${JOBS:-$(( $# * 2 ))}" --only "$@" \
+timeout $(( MINUTES * 60 + 120 )) $PY -m train.matrix "$matrix" --jobs "${JOBS:-$(( $# * ${#seeds[@]} ))}" \
+  --seeds "${seeds[@]}" --only "$@" \
   > "$OUT/matrix.log" 2>&1
 echo "train.matrix exited $? after $(( SECONDS - started )) s" | tee -a "$OUT/summary.txt"
 tail -25 "$OUT/matrix.log" >> "$OUT/summary.txt"

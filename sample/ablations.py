@@ -176,6 +176,7 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             "heldout_loss": (sum(r["heldout_loss"] for r in group) / len(group)
                              if all("heldout_loss" in r for r in group) else None),
             "heldout_variance": loss_seeds / len(group),  # the same rows, times and noise for every run
+            "pooled_seed_variance": seeds,  # the same for every recipe: for the report's text
         }
     return out
 
@@ -221,7 +222,7 @@ def _judge(relation: str, diff: float, half: float, margin: float = MARGIN) -> t
 
 
 def render(stats: dict[str, dict], records: list[dict], machines: list[str], notes: str) -> str:
-    seeds = seed_variance(records)
+    seeds = next(iter(stats.values()))["pooled_seed_variance"] if stats else 0.0
     noise = (f"the pooled seed-to-seed sd of one run is {seeds ** 0.5:.3f}" if seeds
              else "no recipe has two seeds yet, so only the prompts' noise is counted")
     lines = ["# The paper's ablations on the shapes world", "",
@@ -261,16 +262,9 @@ def render(stats: dict[str, dict], records: list[dict], machines: list[str], not
                     cells += [shown, text]
                 lines.append(f"| {claim.text} ({claim.a} vs {claim.b}) | " + " | ".join(cells) + " |")
         lines.append("")
-    categories = [c for c in CATEGORIES if any(c in s["categories"] for s in stats.values())]
     lines += ["## Every recipe by category", "",
               "Mean over seeds; the held-out loss is the EMA model's flow loss on the same held-out rows,",
-              "times and noise for every run (train/matrix.py: `heldout_loss`).", "",
-              "| recipe | seeds | overall | held-out loss | " + " | ".join(categories) + " |",
-              "|---" * (4 + len(categories)) + "|"]
-    for recipe, s in stats.items():
-        loss = "-" if s["heldout_loss"] is None else f"{s['heldout_loss']:.4f}"
-        lines.append(f"| {recipe} | {len(s['seeds'])} | {s['mean']:.3f} | {loss} | "
-                     + " | ".join(f"{s['categories'].get(c, 0.0):.2f}" for c in categories) + " |")
+              "times and noise for every run (train/matrix.py: `heldout_loss`).", "", comparison(stats)]
     lines += ["", "## Positional bias", "",
               "Attribute binding by where the mention starts in the prompt (mean over seeds):", "",
               "![positional bias](figures/ablations_positional_bias.png)", ""]
@@ -292,23 +286,25 @@ def write_report(records: list[dict], docs: Path) -> Path:
     return out
 
 
-def comparison(records: list[dict], baseline: str) -> str:
-    """A markdown table of every recipe against `baseline`: steps, overall, the difference
-    of mean scores with its 95% interval, the held-out loss (train/matrix.py) and the
-    categories (the recipe study)."""
-    stats = aggregate(records)
-    if baseline not in stats:
+def comparison(stats: dict[str, dict], baseline: str | None = None) -> str:
+    """A markdown table of every recipe (`aggregate`'s stats): seeds, steps, overall with its
+    95% interval, the held-out loss (train/matrix.py) and the categories; with a `baseline`,
+    also each recipe's difference of mean scores from it with its 95% interval (the recipe study)."""
+    if baseline is not None and baseline not in stats:
         raise KeyError(f"no runs of the baseline recipe {baseline!r}")
-    categories = list(stats[baseline]["categories"])
-    lines = ["| recipe | seeds | steps | overall | 95% | vs " + baseline + " (95%) | held-out loss | "
-             + " | ".join(categories) + " |", "|---" * (7 + len(categories)) + "|"]
+    categories = [c for c in CATEGORIES if any(c in s["categories"] for s in stats.values())]
+    versus = [] if baseline is None else [f"vs {baseline} (95%)"]
+    head = ["recipe", "seeds", "steps", "overall", "95%", *versus, "held-out loss", *categories]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for recipe, s in stats.items():
-        _, diff, interval = verdict(Claim("", recipe, baseline, ">"), stats)
-        versus = "-" if recipe == baseline else f"{diff:+.3f} ({interval[0]:+.3f} to {interval[1]:+.3f})"
-        loss = "-" if s["heldout_loss"] is None else f"{s['heldout_loss']:.4f}"
-        lines.append(f"| {recipe} | {len(s['seeds'])} | {s['steps']:.0f} | {s['mean']:.3f} | "
-                     f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f} | {versus} | {loss} | "
-                     + " | ".join(f"{s['categories'][c]:.2f}" for c in categories) + " |")
+        cells = [recipe, str(len(s["seeds"])), f"{s['steps']:.0f}", f"{s['mean']:.3f}",
+                 f"{s['interval'][0]:.3f}-{s['interval'][1]:.3f}"]
+        if baseline is not None:
+            _, diff, interval = verdict(Claim("", recipe, baseline, ">"), stats)
+            cells.append("-" if recipe == baseline else f"{diff:+.3f} ({interval[0]:+.3f} to {interval[1]:+.3f})")
+        cells.append("-" if s["heldout_loss"] is None else f"{s['heldout_loss']:.4f}")
+        cells += [f"{s['categories'].get(c, 0.0):.2f}" for c in categories]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -326,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = json.loads(results.read_text())
     if args.compare:
-        print(comparison(records, args.compare))
+        print(comparison(aggregate(records), args.compare))
         return 0
     out = write_report(records, Path(args.docs))
     print(f"ablations: {len(records)} runs -> {out}, {Path(args.docs) / 'ablations.json'} and "

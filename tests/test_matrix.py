@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sample.ablations import TABLES, Claim, aggregate, seed_variance, verdict, write_report
+from sample.ablations import TABLES, Claim, aggregate, comparison, seed_variance, verdict, write_report
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
 
@@ -108,6 +108,19 @@ def test_claims_are_judged_on_the_held_out_loss_too():
     unmeasured = aggregate([_record("a", 0.2), _record("b", 0.1)])
     assert verdict(Claim("", "a", "b", ">"), unmeasured, "loss")[0] == "not measured"
 
+
+
+def test_the_table_of_every_recipe_shows_the_difference_only_against_a_baseline():
+    records = [{**_record(name, accuracy, seed), "heldout_loss": 0.1}
+               for name, accuracies in {"a": (0.30, 0.32), "b": (0.10, 0.12)}.items()
+               for seed, accuracy in enumerate(accuracies)]
+    stats = aggregate(records)
+    plain, versus = comparison(stats).splitlines(), comparison(stats, "b").splitlines()
+    assert plain[0].count("|") + 1 == versus[0].count("|") and "vs b" in versus[0] and "vs" not in plain[0]
+    assert [row.split(" | ")[0] for row in plain[2:]] == ["| a", "| b"]
+    assert versus[2].split(" | ")[5].startswith("+0.200 (") and versus[3].split(" | ")[5] == "-"
+    with pytest.raises(KeyError, match="'c'"):
+        comparison(stats, "c")
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
     base = tmp_path / "base.yaml"
