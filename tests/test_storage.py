@@ -8,6 +8,7 @@ after a rerun; and no credential reaches any object written.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import lance
+import pandas as pd
 import pytest
 import yaml
 
@@ -73,7 +75,9 @@ def test_embed_check_train_resume_and_sample_on_s3(s3, tmp_path, llama_dir, loca
     assert location("s3://lidit/run/checkpoints/last.ckpt").is_file()
     longer = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=12))
     second = run_train(longer, progress=False, log=logs.append)
-    assert "train: resuming from s3://lidit/run/checkpoints/last.ckpt" in logs and second["steps"] == 12
+    assert "train: resuming from s3://lidit/run/checkpoints/last.ckpt (step 8)" in logs and second["steps"] == 12
+    logged = pd.read_csv(io.BytesIO(location("s3://lidit/run/logs/metrics.csv").read_bytes()))["step"]
+    assert (logged.min(), logged.max()) == (0, 11)  # the first part's rows survive the resume
     assert load_exported("s3://lidit/run/checkpoints").step == 12
     assert location("s3://lidit/run/logs/metrics.csv").is_file()
     assert location("s3://lidit/run/tensorboard").exists()

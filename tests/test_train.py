@@ -62,12 +62,18 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
     run_train(straight, progress=False)
     interrupted = config_for(tiny_cache, tmp_path / "b", train={"steps": 4})
     run_train(interrupted, progress=False)  # stops at step 4 and leaves last.ckpt
+    # A row logged after the checkpoint, before the crash: logged again by the resume, kept once
+    metrics = interrupted.run_path / "logs" / "metrics.csv"
+    first_part = pd.read_csv(metrics)
+    pd.concat([first_part, first_part.tail(1).assign(step=4)]).to_csv(metrics, index=False)
     resumed = config_for(tiny_cache, tmp_path / "b", train={"steps": 8})
     summary = run_train(resumed, progress=False)
     assert summary["steps"] == 8
     a, b = losses(straight), losses(resumed)
-    assert list(a.index) == list(range(8)) and list(b.index) == [4, 5, 6, 7]  # the log goes on
-    np.testing.assert_allclose(b.to_numpy(), a.loc[4:].to_numpy(), rtol=1e-6)
+    # the log keeps the first part and goes on: one curve, the uninterrupted run's
+    assert list(a.index) == list(range(8)) and list(b.index) == list(range(8))
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-6)
+    assert list(pd.read_csv(metrics).columns) == list(first_part.columns)
     # A config whose model no longer matches the checkpoint is refused, saying what differs,
     # and the checkpoint is left as it was.
     changed = config_for(tiny_cache, tmp_path / "b", train={"steps": 10}, model={"dim": 2 * resumed.model.dim})

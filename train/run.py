@@ -6,6 +6,7 @@ benchmarks. No LLM is loaded: the text side reads the cached features.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import time
@@ -18,6 +19,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from store.config import Config, ConfigError
 from store.hardware import Hardware, detect, train_precision, train_processes
@@ -44,16 +47,17 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     return train_precision(config.train.precision, hardware), hardware
 
 
-def check_resumable(checkpoint: Path | RemotePath, config: Config) -> None:
-    """Refuse, with what differs, a last.ckpt whose model the config no longer builds.
+def check_resumable(checkpoint: Path | RemotePath, config: Config) -> int:
+    """The step a last.ckpt resumes from; refused, with what differs, if the config no longer
+    builds its model.
 
     Otherwise the resume dies deep in load_state_dict with one size mismatch per tensor:
     what a user sees after the default model changed under an old runs/<name>."""
     # A local file is memory-mapped: only the hyper-parameters are read here, and fit reads
     # the tensors once (an object-store checkpoint has to be fetched whole).
     source = checkpoint if isinstance(checkpoint, Path) else io.BytesIO(checkpoint.read_bytes())
-    saved = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(checkpoint, Path))
-    saved = saved.get("hyper_parameters", {}).get("config", {})
+    whole = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(checkpoint, Path))
+    saved = whole.get("hyper_parameters", {}).get("config", {})
     now = config.to_dict()
     # keys the checkpoint lacks are switches added since, whose defaults build the old model
     differ = [f"model.{k}: {v!r} in the checkpoint, {now['model'][k]!r} now"
@@ -68,12 +72,53 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> None:
         raise ConfigError(f"cannot resume from {checkpoint}: it was trained with another model ("
                           + "; ".join(differ) + "). Train under another name (--set name=...), "
                           "or start over with --fresh (the checkpoint is then overwritten)")
+    return int(whole.get("global_step", 0))
+
+
+class _ResumedMetrics(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts: on a resume that
+    lost the curve before the checkpoint. This one keeps the rows logged before step
+    `resume_step` (the later ones are logged again) and their columns."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self.resume_step is None or not self._fs.isfile(self.metrics_file_path):
+            return super()._check_log_dir_exists()
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            keys = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step") and int(row["step"]) < self.resume_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys  # appended to; a new column rewrites the file with the rows kept
+
+
+class ResumingCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume from `resume_step` (`_ResumedMetrics`)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedMetrics(self.log_dir, self.resume_step)
+        return self._experiment
 
 
 def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True,
-                 reader: CacheReader | None = None, **overrides) -> L.Trainer:
+                 reader: CacheReader | None = None, resume_step: int | None = None, **overrides) -> L.Trainer:
     """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here.
-    With the run's `reader`, it also draws the progress curves and scores (train/progress.py)."""
+    With the run's `reader`, it also draws the progress curves and scores (train/progress.py);
+    with `resume_step` (a resume), logs/metrics.csv keeps the rows logged before that step."""
     train = config.train
     precision, hardware = resolve_precision(config, overrides.get("accelerator"))
     processes = train_processes(train.devices, train.batch_size, hardware)
@@ -81,7 +126,8 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
     # Lightning writes checkpoints and logs through fsspec: a run_dir URI works as is.
-    loggers = [CSVLogger(str(config.run_path), name="logs", version="", flush_logs_every_n_steps=10),
+    loggers = [ResumingCSVLogger(str(config.run_path), name="logs", version="", flush_logs_every_n_steps=10,
+                                 resume_step=resume_step),
                TensorBoardLogger(str(config.run_path), name="tensorboard", version="")]
     kwargs = dict(
         max_steps=train.steps, precision=precision, accelerator=train.accelerator, devices=processes,
@@ -116,18 +162,18 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     resume = checkpoint_dir / "last.ckpt"
     L.seed_everything(config.seed, verbose=False)  # the initial weights
     module = LIDiTModule(config.to_dict(), reader.meta)
-    trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, **trainer_overrides)
+    resuming = not fresh and resume.is_file()
+    resume_step = check_resumable(resume, config) if resuming else None
+    trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, resume_step=resume_step,
+                           **trainer_overrides)
     if rank_zero_only.rank == 0 and "devices" not in trainer_overrides:
         processes, batch = trainer.world_size, config.train.batch_size
         log(f"train: {processes} process{'es' if processes > 1 else ''} (train.devices: {config.train.devices}), "
             f"{batch // processes} rows each of every batch of {batch}")
     if prepare is not None:
         trainer = prepare(trainer)
-    resuming = not fresh and resume.is_file()
-    if resuming:
-        check_resumable(resume, config)
-        if rank_zero_only.rank == 0:
-            log(f"train: resuming from {resume}")
+    if resuming and rank_zero_only.rank == 0:
+        log(f"train: resuming from {resume} (step {resume_step})")
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resuming else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
     # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
