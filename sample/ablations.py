@@ -100,10 +100,14 @@ TABLES = [
            ("two-llm-collaborative-mean", "both, collaborative, mean modulation")],
           [Claim("concatenating two LLMs beats the first alone", "two-llm-concat", "llm-instruction-refiner-rms", ">"),
            Claim("concatenating two LLMs beats the second alone", "two-llm-concat", "llm2-instruction-refiner", ">"),
-           Claim("the collaborative refiner beats concatenation", "two-llm-collaborative", "two-llm-concat", ">")]),
+           Claim("the collaborative refiner beats concatenation", "two-llm-collaborative", "two-llm-concat", ">"),
+           Claim("(not the paper's: a check of our reading) conditioning each branch on its own pooled "
+                 "features, as the paper says, beats the mean of the refined outputs",
+                 "two-llm-collaborative", "two-llm-collaborative-mean", ">")]),
     Table("The chat template (system prompt + instruction, nothing after the caption)", "with the refiner",
           [("llm-instruction-refiner", "plain instruction"), ("llm-chat-refiner", "chat template + system prompt")],
-          []),
+          [Claim("(not the paper's: the paper puts a system prompt before the instruction and does not ablate it) the chat template "
+                 "changes nothing against the plain instruction", "llm-chat-refiner", "llm-instruction-refiner", "=")]),
 ]
 BIAS_FIGURE = [("llm-alone", "LLM alone"), ("llm-refiner", "LLM + refiner"), ("t5-alone", "T5 role alone")]
 
