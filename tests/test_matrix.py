@@ -109,7 +109,6 @@ def test_claims_are_judged_on_the_held_out_loss_too():
     assert verdict(Claim("", "a", "b", ">"), unmeasured, "loss")[0] == "not measured"
 
 
-
 def test_the_table_of_every_recipe_shows_the_difference_only_against_a_baseline():
     records = [{**_record(name, accuracy, seed), "heldout_loss": 0.1}
                for name, accuracies in {"a": (0.30, 0.32), "b": (0.10, 0.12)}.items()
@@ -121,6 +120,7 @@ def test_the_table_of_every_recipe_shows_the_difference_only_against_a_baseline(
     assert versus[2].split(" | ")[5].startswith("+0.200 (") and versus[3].split(" | ")[5] == "-"
     with pytest.raises(KeyError, match="'c'"):
         comparison(stats, "c")
+
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
     base = tmp_path / "base.yaml"
