@@ -129,11 +129,15 @@ class ModelConfig:
 class TrainConfig:
     objective: Literal["flow", "eps"] = "flow"
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # flow: how training draws t
+    # logit-normal t = sigmoid(mean + std * N(0, 1)), t = 1 is noise: mean > 0 trains more on noisy times
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     schedule: Literal["linear", "cosine"] = "linear"  # eps: the noise schedule (DiT's linear, or cosine)
     steps: int = 3000
     batch_size: int = 32  # the global batch: N processes (train.devices) take batch_size / N rows each
     lr: float = 3e-4
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95 is common for transformers)
     warmup_steps: int = 200
     # after warm-up: "constant", or "cosine" from lr down to lr * lr_final over train.steps
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -425,6 +429,10 @@ def validate(config: Config) -> None:
     if devices != "auto" and config.train.batch_size % devices:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} rows cannot be shared evenly by "
                           f"train.devices={devices} processes")
+    if config.train.logit_std <= 0:
+        raise ConfigError(f"train.logit_std: must be > 0, got {config.train.logit_std}")
+    if not 0.0 <= config.train.adam_beta2 < 1.0:
+        raise ConfigError(f"train.adam_beta2: must be in [0, 1), got {config.train.adam_beta2}")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
 

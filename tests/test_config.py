@@ -66,6 +66,9 @@ def test_override_sets_a_nested_value():
     ("train.steps=-1", r"train.steps: must be >= 0, got -1"),  # 0: export the initial weights
     ("train.lr=0", r"train.lr: must be > 0"),
     ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0, 1\)"),
+    ("train.logit_std=0", r"train.logit_std: must be > 0, got 0"),
+    ("train.adam_beta2=1.0", r"train.adam_beta2: must be in \[0, 1\), got 1.0"),
+    ("train.adam_beta2=0.95", None),
     ("sample.steps=0", r"sample.steps: must be >= 1, got 0"),
     ("train.precision=auto", None),
     ("train.devices=2", None),

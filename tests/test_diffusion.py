@@ -77,6 +77,8 @@ def test_flow_logit_normal_times_concentrate_in_the_middle():
     t = objective.sample_time(20000, "cpu", torch.Generator().manual_seed(0))
     assert abs(t.median().item() - 0.5) < 0.01
     assert ((t > 0.25) & (t < 0.75)).float().mean() > 0.6  # uniform would give 0.5
+    noisier = make_objective("flow", logit_mean=1.0).sample_time(20000, "cpu", torch.Generator().manual_seed(0))
+    assert abs(noisier.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01  # shifted toward noise
 
 
 def test_loss_is_fp32_mean_squared_error():
@@ -169,6 +171,8 @@ def test_eps_solvers_call_the_network_once_per_step_from_pure_noise_to_step_0(sc
 @pytest.mark.parametrize("override, attribute, value", [
     (["train.objective=eps", "train.schedule=cosine", "sample.solver=ddim"], "schedule", "cosine"),
     (["train.time_sampling=uniform"], "time_sampling", "uniform"),
+    (["train.logit_mean=0.5"], "logit_mean", 0.5),
+    (["train.logit_std=0.7"], "logit_std", 0.7),
 ])
 def test_objective_options_are_reachable_from_the_config(override, attribute, value):
     from pathlib import Path

@@ -55,6 +55,16 @@ def test_a_broken_recipe_is_named(tmp_path):
         load_matrix(path)
 
 
+def test_a_recipe_can_have_its_own_seeds(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0], "recipes": {"baseline": {"seeds": [0, 1, 2]},
+                                                             "lr": {"train.lr": 2.0e-3}}}, sort_keys=False))
+    runs = [(r.recipe, r.seed) for r in load_matrix(path).runs]
+    assert runs == [("baseline", 0), ("baseline", 1), ("baseline", 2), ("lr", 0)]
+    assert [(r.recipe, r.seed) for r in load_matrix(path, seeds=[3]).runs] == [("baseline", 3), ("lr", 3)]
+    assert not any("seeds" in o for r in load_matrix(path).runs for o in r.overrides)
+
+
 def _record(recipe: str, accuracy: float, seed: int = 0, n: int = 500) -> dict:
     bins = [{"range": [0.0, 0.25], "mean": accuracy, "count": 10}]
     return {"recipe": recipe, "seed": seed, "overall": accuracy, "steps": 10, "images": 2 * n, "bias_bins": bins,

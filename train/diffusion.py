@@ -159,7 +159,8 @@ OBJECTIVES = {"eps": EpsilonObjective, "flow": FlowObjective}
 def objective_from_config(train) -> Objective:
     """The objective a TrainConfig names, with the option that applies to it."""
     if train.objective == "flow":
-        return make_objective("flow", time_sampling=train.time_sampling)
+        return make_objective("flow", time_sampling=train.time_sampling, logit_mean=train.logit_mean,
+                              logit_std=train.logit_std)
     return make_objective(train.objective, schedule=train.schedule)
 
 

@@ -10,7 +10,7 @@ the seeds, and the recipes, each a set of overrides and/or its own config file:
     eval_rows: 256                  # held-out prompts each run is scored on
     set: {train.max_minutes: 10, train.steps: 100000, train.eval_every: 0}
     recipes:
-      baseline: {}
+      baseline: {seeds: [0, 1, 2]}    # a recipe's own seeds (`--seeds` overrides every recipe's)
       feature-norm: {model.feature_norm: rms}
       llm-alone: {config: configs/ablations/llm-alone.yaml}
 
@@ -89,7 +89,8 @@ def load_matrix(path: str | Path, only: list[str] | None = None, seeds: list[int
             continue
         spec = dict(spec or {})
         config = spec.pop("config", raw.get("base", "configs/default.yaml"))
-        for seed in seeds if seeds is not None else raw.get("seeds", [0]):
+        own_seeds = spec.pop("seeds", None)  # a recipe's own seeds (more for a baseline), else the file's
+        for seed in seeds if seeds is not None else own_seeds or raw.get("seeds", [0]):
             run = Run(recipe, int(seed), str(config), shared + _overrides(spec))
             run.overrides += [f"run_dir={out / run.key}", f"seed={seed}"]
             try:

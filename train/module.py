@@ -89,7 +89,7 @@ class LIDiTModule(L.LightningModule):
     def configure_optimizers(self):
         train = self.config.train
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                      betas=(0.9, 0.999))
+                                      betas=(0.9, train.adam_beta2))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(train, step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
