@@ -11,7 +11,11 @@ Everything runs in one process, side by side, so the ratios compare like with li
      `train_flops_fraction`, the step's model FLOPs (bench/train.py: step_flops, forward +
      backward, attention included) per second over part 1's matmul rate in that precision.
 
-    python bench/gpu.py [--config configs/long.yaml] [--batches 16 64 128] [--steps 60] [--parts 1 2 3] [--json]
+     With `--compile off reduce-overhead`, part 3 runs each setting eager and compiled
+     (`train.compile`; the compile happens in the untimed warm-up steps, so give it enough).
+
+    python bench/gpu.py [--config configs/long.yaml] [--batches 16 64 128] [--steps 60] [--parts 1 2 3]
+                        [--compile off reduce-overhead] [--json]
 
 It needs a CUDA device and the config's cache (`make embed`). No test runs it.
 """
@@ -108,6 +112,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], help="which parts to run")
+    parser.add_argument("--compile", nargs="+", default=["off"], help="part 3: train.compile modes to compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -148,16 +153,26 @@ def train_steps(args, rates: dict, results: dict) -> None:
     for batch in args.batches:
         flops = step_flops(load_config(args.config, [f"train.batch_size={batch}"]))
         for precision in args.precisions:
-            overrides = (f"train.batch_size={batch}", f"train.precision={precision}", "train.accelerator=gpu")
-            side = measure_side(args.config, "cached", args.steps, args.warmup, overrides)
-            steps_per_s = side["samples_per_s"] / batch
-            rate = rates["bf16"] if precision.startswith("bf16") else rates["fp32"]
-            row = {"batch": batch, "precision": precision, "steps_per_s": steps_per_s,
-                   "samples_per_s": side["samples_per_s"], **flops,
-                   "train_flops_fraction": flops["step_flops"] * steps_per_s / (rate * 1e12)}
-            results["train_step"].append(row)
-            print(f"   batch {batch:4d} {precision:>10}: {steps_per_s:6.1f} steps/s, {side['samples_per_s']:8.0f} "
-                  f"samples/s, {flops['step_flops'] / 1e9:.1f} GFLOP/step, fraction {row['train_flops_fraction']:.4f}")
+            for mode in args.compile:
+                overrides = (f"train.batch_size={batch}", f"train.precision={precision}", "train.accelerator=gpu",
+                             f"train.compile={mode}")
+                try:
+                    side = measure_side(args.config, "cached", args.steps, args.warmup, overrides)
+                except Exception as err:  # a compile mode that fails here is a result too
+                    results["train_step"].append({"batch": batch, "precision": precision, "compile": mode,
+                                                  "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                    print(f"   batch {batch:4d} {precision:>10} compile {mode:>15}: failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}", flush=True)
+                    continue
+                steps_per_s = side["samples_per_s"] / batch
+                rate = rates["bf16"] if precision.startswith("bf16") else rates["fp32"]
+                row = {"batch": batch, "precision": precision, "compile": mode, "steps_per_s": steps_per_s,
+                       "samples_per_s": side["samples_per_s"], **flops,
+                       "train_flops_fraction": flops["step_flops"] * steps_per_s / (rate * 1e12)}
+                results["train_step"].append(row)
+                print(f"   batch {batch:4d} {precision:>10} compile {mode:>15}: {steps_per_s:6.1f} steps/s, "
+                      f"{side['samples_per_s']:8.0f} samples/s, {flops['step_flops'] / 1e9:.1f} GFLOP/step, "
+                      f"fraction {row['train_flops_fraction']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

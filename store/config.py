@@ -328,6 +328,8 @@ def _coerce(hint, value, key: str):
                 pass
         return _coerce(inner[-1], value, key)
     if origin is Literal:
+        if value is False and "off" in args:  # YAML reads a bare `off` (train.compile=off) as false
+            return "off"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

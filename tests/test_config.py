@@ -53,6 +53,8 @@ def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
 def test_override_sets_a_nested_value():
     config = load_config(CONFIGS / "default.yaml", ["model.refiner_depth=3", "encoders.0.layer=-2"])
     assert config.model.refiner_depth == 3 and config.encoders[0].layer == -2
+    # YAML 1.1 reads a bare `off` as false; the option keeps its name (bench/gpu.py failed on it)
+    assert load_config(CONFIGS / "default.yaml", ["train.compile=off"]).train.compile == "off"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -69,6 +71,8 @@ def test_override_sets_a_nested_value():
     ("train.logit_std=0", r"train.logit_std: must be > 0, got 0"),
     ("train.adam_beta2=1.0", r"train.adam_beta2: must be in \[0, 1\), got 1.0"),
     ("train.adam_beta2=0.95", None),
+    ("train.compile=off", None),  # YAML's false, read back as the option it spells
+    ("train.compile=on", r"train.compile: True is not one of"),
     ("sample.steps=0", r"sample.steps: must be >= 1, got 0"),
     ("train.precision=auto", None),
     ("train.devices=2", None),
