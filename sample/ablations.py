@@ -27,6 +27,13 @@ T5-role encoder (docs/figures/ablations_positional_bias.png). Text below the lin
 
 `--compare RECIPE --results runs/matrices/recipe/results.json` prints instead a table of
 every recipe of any matrix against one of them (docs/RESULTS.md's recipe study).
+
+`--paired-loss RECIPE --steps FROM TO --results runs/matrices/<name>/results.json` reads the
+training loss each run logged (`<run>/logs/metrics.csv`, no results.json needed: runs cut off
+before scoring count too) and compares it, step by logged step, with the run of RECIPE that has
+the same seed. Runs of one seed draw the same batches, times and noise at every step
+(train/module.py), so the paired difference cancels most of the noise of single-step losses;
+it says which change trains faster at equal steps, not which samples better.
 """
 
 from __future__ import annotations
@@ -312,6 +319,36 @@ def comparison(stats: dict[str, dict], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def train_losses(run: Path) -> dict[int, float]:
+    """{step: training loss} as a run logged it (`logs/metrics.csv`)."""
+    import csv
+
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+
+
+def paired_loss(out: Path, baseline: str, first: int, last: int) -> str:
+    """A table of every run's training loss against `baseline`'s run of the same seed, over the
+    logged steps in [first, last] that both reached: mean difference, its standard error, and
+    the difference relative to the baseline's mean."""
+    runs = {p.parent.parent.name: train_losses(p.parent.parent) for p in sorted(out.glob("*/logs/metrics.csv"))}
+    lines = [f"| run | steps compared | mean loss | vs {baseline} (same seed) | standard error | relative |",
+             "|---|---|---|---|---|---|"]
+    for name, losses in runs.items():
+        recipe, _, seed = name.rpartition("-s")
+        reference = runs.get(f"{baseline}-s{seed}")
+        steps = [s for s in losses if first <= s <= last and reference is not None and s in reference]
+        if recipe == baseline or len(steps) < 2:
+            continue
+        diffs = [losses[s] - reference[s] for s in steps]
+        mean = sum(diffs) / len(diffs)
+        error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        base = sum(reference[s] for s in steps) / len(steps)
+        lines.append(f"| {name} | {len(steps)} ({steps[0]}-{steps[-1]}) | {sum(losses[s] for s in steps) / len(steps):.4f}"
+                     f" | {mean:+.4f} | {error:.4f} | {mean / base:+.1%} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sample.ablations", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,8 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--compare", metavar="RECIPE",
                         help="print a table of every recipe against this one instead of writing the docs")
+    parser.add_argument("--paired-loss", metavar="RECIPE",
+                        help="print every run's logged training loss against this recipe's run of the same seed")
+    parser.add_argument("--steps", nargs=2, type=int, default=[0, 10**9], metavar=("FROM", "TO"),
+                        help="--paired-loss: the logged steps compared")
     args = parser.parse_args(argv)
     results = Path(args.results)
+    if args.paired_loss:
+        print(paired_loss(results.parent, args.paired_loss, *args.steps))
+        return 0
     if not results.is_file():
         print(f"ablations: error: no results at {results}; run the matrix first", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sample.ablations import TABLES, Claim, aggregate, comparison, seed_variance, verdict, write_report
+from sample.ablations import TABLES, Claim, aggregate, comparison, paired_loss, seed_variance, verdict, write_report
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
 
@@ -130,6 +130,23 @@ def test_the_table_of_every_recipe_shows_the_difference_only_against_a_baseline(
     assert versus[2].split(" | ")[5].startswith("+0.200 (") and versus[3].split(" | ")[5] == "-"
     with pytest.raises(KeyError, match="'c'"):
         comparison(stats, "c")
+
+
+def test_paired_loss_compares_each_run_with_the_baseline_of_its_own_seed(tmp_path):
+    def run(name: str, losses: dict[int, float]) -> None:
+        (tmp_path / name / "logs").mkdir(parents=True)
+        rows = "".join(f"0,{step},{loss},0.001\n" for step, loss in losses.items())
+        (tmp_path / name / "logs" / "metrics.csv").write_text("epoch,step,train/loss,train/lr\n" + rows)
+
+    run("baseline-s0", {49: 0.9, 99: 0.5, 149: 0.4, 199: 0.3})
+    run("baseline-s1", {49: 0.8, 99: 0.6, 149: 0.5, 199: 0.4})
+    run("fast-s0", {49: 0.8, 99: 0.45, 149: 0.35, 199: 0.25})  # 0.05 below its seed's baseline from step 99
+    run("fast-s1", {49: 0.7, 99: 0.7, 149: 0.6})  # cut off before step 199: 0.1 above
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in
+            paired_loss(tmp_path, "baseline", 99, 199).splitlines()[2:]}
+    assert set(rows) == {"fast-s0", "fast-s1"}
+    assert rows["fast-s0"][1] == "3 (99-199)" and rows["fast-s0"][3] == "-0.0500" and rows["fast-s0"][4] == "0.0000"
+    assert rows["fast-s1"][1] == "2 (99-149)" and rows["fast-s1"][3] == "+0.1000"
 
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
