@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,10 @@ def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
     config = load_config(CONFIGS / "ablations" / "two-llm-concat.yaml")  # base.yaml, then default.yaml
     default = load_config(CONFIGS / "default.yaml")
     assert config.model.fusion == "concat" and default.model.fusion == "collaborative"
-    assert config.model.dim == default.model.dim and config.train == default.train
+    # the default's training recipe, but the lr and beta2 every ablation record was measured with
+    assert (config.train.lr, config.train.adam_beta2) == (1.0e-3, 0.999)
+    assert config.model.dim == default.model.dim
+    assert config.train == dataclasses.replace(default.train, lr=1.0e-3, adam_beta2=0.999)
     assert str(config.run_path) == "runs/two-llm-concat"
     assert str(config.cache_path) == "runs/ablations/cache"
 
