@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = Path(args.results)
     if args.paired_loss:
+        if not any(results.parent.glob(f"{args.paired_loss}-s*/logs/metrics.csv")):
+            print(f"ablations: error: no logged run of {args.paired_loss!r} in {results.parent}", file=sys.stderr)
+            return 2
         print(paired_loss(results.parent, args.paired_loss, *args.steps))
         return 0
     if not results.is_file():

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from sample.ablations import TABLES, Claim, aggregate, comparison, paired_loss, seed_variance, verdict, write_report
+from sample.ablations import main as ablations_main
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
 
@@ -147,6 +148,8 @@ def test_paired_loss_compares_each_run_with_the_baseline_of_its_own_seed(tmp_pat
     assert set(rows) == {"fast-s0", "fast-s1"}
     assert rows["fast-s0"][1] == "3 (99-199)" and rows["fast-s0"][3] == "-0.0500" and rows["fast-s0"][4] == "0.0000"
     assert rows["fast-s1"][1] == "2 (99-149)" and rows["fast-s1"][3] == "+0.1000"
+    assert ablations_main(["--results", str(tmp_path / "results.json"), "--paired-loss", "fast"]) == 0
+    assert ablations_main(["--results", str(tmp_path / "results.json"), "--paired-loss", "slow"]) == 2  # no such runs
 
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
