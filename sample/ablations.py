@@ -330,15 +330,20 @@ def train_losses(run: Path) -> dict[int, float]:
 def paired_loss(out: Path, baseline: str, first: int, last: int) -> str:
     """A table of every run's training loss against `baseline`'s run of the same seed, over the
     logged steps in [first, last] that both reached: mean difference, its standard error, and
-    the difference relative to the baseline's mean."""
+    the difference relative to the baseline's mean. A run with no baseline of its seed is left out;
+    FileNotFoundError if `out` holds no logged run of `baseline` at all."""
     runs = {p.parent.parent.name: train_losses(p.parent.parent) for p in sorted(out.glob("*/logs/metrics.csv"))}
+    if not any(name.rpartition("-s")[0] == baseline for name in runs):
+        raise FileNotFoundError(f"no logged run of {baseline!r} in {out}")
     lines = [f"| run | steps compared | mean loss | vs {baseline} (same seed) | standard error | relative |",
              "|---|---|---|---|---|---|"]
     for name, losses in runs.items():
         recipe, _, seed = name.rpartition("-s")
         reference = runs.get(f"{baseline}-s{seed}")
-        steps = [s for s in losses if first <= s <= last and reference is not None and s in reference]
-        if recipe == baseline or len(steps) < 2:
+        if recipe == baseline or reference is None:
+            continue
+        steps = [s for s in losses if first <= s <= last and s in reference]
+        if len(steps) < 2:
             continue
         diffs = [losses[s] - reference[s] for s in steps]
         mean = sum(diffs) / len(diffs)
@@ -363,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = Path(args.results)
     if args.paired_loss:
-        if not any(results.parent.glob(f"{args.paired_loss}-s*/logs/metrics.csv")):
-            print(f"ablations: error: no logged run of {args.paired_loss!r} in {results.parent}", file=sys.stderr)
+        try:
+            print(paired_loss(results.parent, args.paired_loss, *args.steps))
+        except FileNotFoundError as err:
+            print(f"ablations: error: {err}", file=sys.stderr)
             return 2
-        print(paired_loss(results.parent, args.paired_loss, *args.steps))
         return 0
     if not results.is_file():
         print(f"ablations: error: no results at {results}; run the matrix first", file=sys.stderr)
