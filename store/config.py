@@ -123,6 +123,10 @@ class ModelConfig:
     collab_condition: Literal["branch", "mean"] = "branch"
     mlp_conv: bool = False  # a depthwise 3x3 conv on the token grid inside each LI-DiT FFN
     rope: bool = False  # a 2-D rotary position embedding in LI-DiT's self-attention (not in the paper)
+    # what LI-DiT's head outputs (flow only): "velocity" (SD3), or "sample", the clean image x0,
+    # turned into the velocity (x_t - x0) / t inside the model, so the loss and the solvers are
+    # unchanged (JiT, Li & He 2025: "Back to Basics: Let Denoising Generative Models Denoise")
+    prediction: Literal["velocity", "sample"] = "velocity"
 
 
 @dataclass
@@ -409,6 +413,8 @@ def validate(config: Config) -> None:
         raise ConfigError("codec.path: required for codec.kind 'vae'")
     if config.data.source != "shapes" and not config.data.path:
         raise ConfigError(f"data.path: required for data.source {config.data.source!r}")
+    if config.model.prediction == "sample" and config.train.objective != "flow":
+        raise ConfigError(f"model.prediction: 'sample' needs train.objective 'flow', got {config.train.objective!r}")
     allowed = SOLVERS_FOR_OBJECTIVE[config.train.objective]
     if config.sample.solver not in allowed:
         raise ConfigError(

@@ -77,6 +77,10 @@ def test_override_sets_a_nested_value():
     ("train.adam_beta2=0.95", None),
     ("train.compile=off", None),  # YAML's false, read back as the option it spells
     ("train.compile=on", r"train.compile: True is not one of"),
+    ("model.prediction=noise", r"model.prediction: 'noise' is not one of \['velocity', 'sample'\]"),
+    ("model.prediction=sample train.objective=eps sample.solver=ddim",
+     r"model.prediction: 'sample' needs train.objective 'flow', got 'eps'"),
+    ("model.prediction=sample", None),
     ("sample.steps=0", r"sample.steps: must be >= 1, got 0"),
     ("train.precision=auto", None),
     ("train.devices=2", None),

@@ -200,3 +200,18 @@ def test_at_times_is_training_noising_at_given_times(name):
         alpha, sigma = objective.alpha_sigma(t_net.long())
         torch.testing.assert_close(x_t, alpha.float().view(-1, 1, 1, 1) * x0 + sigma.float().view(-1, 1, 1, 1) * noise)
         assert torch.equal(target, noise)
+
+
+def test_a_predicted_clean_image_gives_the_flow_target_velocity():
+    """model.prediction=sample: the true x0 turns into exactly training's target, eps - x0,
+    wherever t is above the clamp; below it, the division uses the clamp, not t."""
+    from train.diffusion import SAMPLE_PREDICTION_MIN_T, velocity_from_sample
+
+    objective = make_objective("flow")
+    x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0.05, 0.3, 0.7, 0.999])
+    x_t, t_net, target = objective.at_times(x0, t, noise)
+    torch.testing.assert_close(velocity_from_sample(x_t, x0, t_net), target, atol=1e-4, rtol=1e-4)
+    guess = torch.zeros_like(x0)  # an untrained head's x0, at a time below the clamp
+    near_data = torch.tensor([1.0, 0.0, 10.0, 20.0])  # t_net = 1000 t: 0.001, 0, 0.01, 0.02
+    torch.testing.assert_close(velocity_from_sample(x_t, guess, near_data), x_t / SAMPLE_PREDICTION_MIN_T)

@@ -132,6 +132,21 @@ def test_attention_rows_without_keys_output_exact_zeros():
     assert out[1].abs().sum() > 0
 
 
+def test_sample_prediction_returns_the_velocity_of_the_heads_clean_image():
+    """model.prediction=sample: the same weights' head output, read as x0, becomes (x_t - x0) / t."""
+    features, masks = _text()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 800.0])
+    outputs = {}
+    for prediction in ("velocity", "sample"):
+        torch.manual_seed(0)
+        model = _perturb_zero_init(TextToImageModel(**TINY_MODEL, prediction=prediction))
+        outputs[prediction] = model(x, t, features, masks)
+    clean = outputs["velocity"]  # the head's raw output, as the velocity model returns it
+    torch.testing.assert_close(outputs["sample"], (x - clean) / (t / 1000).view(-1, 1, 1, 1))
+    with pytest.raises(ValueError, match="prediction='noise'; allowed: velocity, sample"):
+        TextToImageModel(**TINY_MODEL, prediction="noise")
+
+
 def test_fully_padded_text_gives_no_nan():
     torch.manual_seed(0)
     model = _perturb_zero_init(TextToImageModel(**TINY_MODEL))

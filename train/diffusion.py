@@ -153,6 +153,17 @@ class FlowObjective(Objective):
         return self.at_times(x0, t, noise)
 
 
+SAMPLE_PREDICTION_MIN_T = 0.05  # JiT's clip of the time in the x0 -> v division (t = 0 is data here)
+
+
+def velocity_from_sample(x_t: torch.Tensor, x0: torch.Tensor, t_net: torch.Tensor) -> torch.Tensor:
+    """The flow velocity a predicted clean image implies: x_t = (1 - t) x0 + t eps gives
+    v = eps - x0 = (x_t - x0) / t. x_t, x0 [B, C, H, W]; t_net [B] the network's time (0..1000),
+    clamped at SAMPLE_PREDICTION_MIN_T near the data, as JiT. Computed in fp32, returned in x0's dtype."""
+    t = (t_net.float() / NUM_TRAIN_STEPS).clamp(min=SAMPLE_PREDICTION_MIN_T)  # [B]
+    return ((x_t.float() - x0.float()) / _per_sample(t, x0)).to(x0.dtype)
+
+
 OBJECTIVES = {"eps": EpsilonObjective, "flow": FlowObjective}
 
 

@@ -2,6 +2,11 @@
 
 Both share one width `dim` and one timestep embedder (owned by LI-DiT): the refiners'
 gates and the DiT's modulation see the same t_emb.
+
+`prediction="sample"` (config `model.prediction`, flow only) makes LI-DiT's head predict the
+clean image x0 and returns the velocity it implies (train/diffusion.py: velocity_from_sample):
+every caller (the loss, the held-out loss, the solvers) still gets a velocity, so the loss is
+JiT's "x-prediction, v-loss" (Li & He 2025).
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ import torch
 import torch.nn as nn
 
 from store.config import ModelConfig
+from train.diffusion import velocity_from_sample
 from train.layers import AdaLNZero, RMSNorm
 from train.lidit import LIDiT
 from train.refiner import LLMInfusedDiffuser
+
+
+PREDICTIONS = ("velocity", "sample")
 
 
 class TextToImageModel(nn.Module):
@@ -25,8 +34,11 @@ class TextToImageModel(nn.Module):
                  heads: int, mlp_ratio: float = 4.0, refiner_depth: int = 2, collab_depth: int = 1,
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
-                 mlp_conv: bool = False, rope: bool = False):
+                 mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
         self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
@@ -66,7 +78,8 @@ class TextToImageModel(nn.Module):
         features = [f.to(x.dtype) for f in features]  # the cache stores bf16; compute in x's dtype
         t_emb = self.dit.timestep_embedding(t)  # [B, D]
         cond, cond_mask = self.diffuser(features, masks, t_emb)  # [B, L, D], [B, L]
-        return self.dit(x, t, cond, cond_mask, t_emb=t_emb)
+        out = self.dit(x, t, cond, cond_mask, t_emb=t_emb)  # [B, C, H, W]
+        return out if self.prediction == "velocity" else velocity_from_sample(x, out, t)
 
 
 def count_parameters(build_kwargs: dict) -> int:
@@ -100,4 +113,5 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "collab_condition": model.collab_condition,
         "mlp_conv": model.mlp_conv,
         "rope": model.rope,
+        "prediction": model.prediction,
     }
