@@ -34,6 +34,8 @@ before scoring count too) and compares it, step by logged step, with the run of 
 the same seed. Runs of one seed draw the same batches, times and noise at every step
 (train/module.py), so the paired difference cancels most of the noise of single-step losses;
 it says which change trains faster at equal steps, not which samples better.
+`--paired-runs BASELINE RUN... --steps FROM TO` does the same for run folders trained outside
+a matrix (`runs/<name>`) with one seed, each RUN against BASELINE.
 """
 
 from __future__ import annotations
@@ -327,30 +329,63 @@ def train_losses(run: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
 
 
+PAIRED_HEADER = ["| run | steps compared | mean loss | vs {baseline} (same seed) | standard error | relative |",
+                 "|---|---|---|---|---|---|"]
+
+
+def _paired_row(name: str, losses: dict[int, float], reference: dict[int, float], first: int,
+                last: int) -> str | None:
+    """One row of a paired-loss table: `losses` against `reference` over their common logged
+    steps in [first, last]; None if they share fewer than 2."""
+    steps = [s for s in losses if first <= s <= last and s in reference]
+    if len(steps) < 2:
+        return None
+    diffs = [losses[s] - reference[s] for s in steps]
+    mean = sum(diffs) / len(diffs)
+    error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    base = sum(reference[s] for s in steps) / len(steps)
+    return (f"| {name} | {len(steps)} ({steps[0]}-{steps[-1]}) | {sum(losses[s] for s in steps) / len(steps):.4f}"
+            f" | {mean:+.4f} | {error:.4f} | {mean / base:+.1%} |")
+
+
 def paired_loss(out: Path, baseline: str, first: int, last: int) -> str:
     """A table of every run's training loss against `baseline`'s run of the same seed, over the
     logged steps in [first, last] that both reached: mean difference, its standard error, and
-    the difference relative to the baseline's mean. A run with no baseline of its seed is left out;
-    FileNotFoundError if `out` holds no logged run of `baseline` at all."""
+    the difference relative to the baseline's mean. A run with no baseline of its seed is named
+    under the table; FileNotFoundError if `out` holds no logged run of `baseline` at all."""
     runs = {p.parent.parent.name: train_losses(p.parent.parent) for p in sorted(out.glob("*/logs/metrics.csv"))}
     if not any(name.rpartition("-s")[0] == baseline for name in runs):
         raise FileNotFoundError(f"no logged run of {baseline!r} in {out}")
-    lines = [f"| run | steps compared | mean loss | vs {baseline} (same seed) | standard error | relative |",
-             "|---|---|---|---|---|---|"]
+    lines = [line.format(baseline=baseline) for line in PAIRED_HEADER]
+    unpaired = []
     for name, losses in runs.items():
         recipe, _, seed = name.rpartition("-s")
         reference = runs.get(f"{baseline}-s{seed}")
-        if recipe == baseline or reference is None:
+        if recipe == baseline:
             continue
-        steps = [s for s in losses if first <= s <= last and s in reference]
-        if len(steps) < 2:
-            continue
-        diffs = [losses[s] - reference[s] for s in steps]
-        mean = sum(diffs) / len(diffs)
-        error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-        base = sum(reference[s] for s in steps) / len(steps)
-        lines.append(f"| {name} | {len(steps)} ({steps[0]}-{steps[-1]}) | {sum(losses[s] for s in steps) / len(steps):.4f}"
-                     f" | {mean:+.4f} | {error:.4f} | {mean / base:+.1%} |")
+        row = None if reference is None else _paired_row(name, losses, reference, first, last)
+        if row is None:
+            unpaired.append(name)
+        else:
+            lines.append(row)
+    if unpaired:
+        lines.append(f"\nnot compared (no run of {baseline!r} with the same seed, or fewer than 2 common steps): "
+                     + ", ".join(unpaired))
+    return "\n".join(lines)
+
+
+def paired_runs(baseline: Path, runs: list[Path], first: int, last: int) -> str:
+    """paired_loss for run folders named directly (`runs/<name>`): each run against `baseline`,
+    which the caller vouches trained on the same seed, so both drew the same batches, times and
+    noise (train/module.py). FileNotFoundError names a folder with no logged losses."""
+    for run in [baseline, *runs]:
+        if not (run / "logs" / "metrics.csv").is_file():
+            raise FileNotFoundError(f"no logged losses at {run / 'logs' / 'metrics.csv'}")
+    reference = train_losses(baseline)
+    lines = [line.format(baseline=baseline.name) for line in PAIRED_HEADER]
+    for run in runs:
+        row = _paired_row(run.name, train_losses(run), reference, first, last)
+        lines.append(row or f"| {run.name} | fewer than 2 common steps in [{first}, {last}] | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -363,13 +398,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="print a table of every recipe against this one instead of writing the docs")
     parser.add_argument("--paired-loss", metavar="RECIPE",
                         help="print every run's logged training loss against this recipe's run of the same seed")
+    parser.add_argument("--paired-runs", nargs="+", metavar="RUN_DIR",
+                        help="the same for run folders: the first is the baseline, every other is compared with it "
+                             "(train them with one seed)")
     parser.add_argument("--steps", nargs=2, type=int, default=[0, 10**9], metavar=("FROM", "TO"),
-                        help="--paired-loss: the logged steps compared")
+                        help="--paired-loss / --paired-runs: the logged steps compared")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if args.paired_loss:
+    if args.paired_loss or args.paired_runs:
         try:
-            print(paired_loss(results.parent, args.paired_loss, *args.steps))
+            if args.paired_runs:
+                if len(args.paired_runs) < 2:
+                    parser.error("--paired-runs: a baseline folder and at least one run folder")
+                baseline, *runs = (Path(p) for p in args.paired_runs)
+                print(paired_runs(baseline, runs, *args.steps))
+            else:
+                print(paired_loss(results.parent, args.paired_loss, *args.steps))
         except FileNotFoundError as err:
             print(f"ablations: error: {err}", file=sys.stderr)
             return 2

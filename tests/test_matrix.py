@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sample.ablations import TABLES, Claim, aggregate, comparison, paired_loss, seed_variance, verdict, write_report
+from sample.ablations import TABLES, Claim, aggregate, comparison, paired_loss, paired_runs, seed_variance, verdict, write_report
 from sample.ablations import main as ablations_main
 from store.config import ConfigError, load_config
 from train.matrix import load_matrix, run_matrix
@@ -150,6 +150,14 @@ def test_paired_loss_compares_each_run_with_the_baseline_of_its_own_seed(tmp_pat
     assert rows["fast-s1"][1] == "2 (99-149)" and rows["fast-s1"][3] == "+0.1000"
     assert ablations_main(["--results", str(tmp_path / "results.json"), "--paired-loss", "fast"]) == 0
     assert ablations_main(["--results", str(tmp_path / "results.json"), "--paired-loss", "slow"]) == 2  # no such runs
+    run("lone-s2", {149: 0.1})  # no baseline of seed 2: named under the table, not dropped silently
+    assert paired_loss(tmp_path, "baseline", 99, 199).splitlines()[-1].endswith(": lone-s2")
+    # run folders named directly: the same rows as the matrix's for the same pair
+    direct = paired_runs(tmp_path / "baseline-s0", [tmp_path / "fast-s0", tmp_path / "lone-s2"], 99, 199).splitlines()
+    assert direct[2].split(" | ")[1:] == rows["fast-s0"][1:]
+    assert direct[3].startswith("| lone-s2 | fewer than 2 common steps")  # one logged step only
+    assert ablations_main(["--paired-runs", str(tmp_path / "baseline-s0"), str(tmp_path / "fast-s0")]) == 0
+    assert ablations_main(["--paired-runs", str(tmp_path / "baseline-s0"), str(tmp_path / "missing")]) == 2
 
 
 def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
