@@ -49,6 +49,7 @@ def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
     # the default's training recipe, but the lr and beta2 every ablation record was measured with
     assert (config.train.lr, config.train.adam_beta2) == (1.0e-3, 0.999)
     assert config.model.dim == default.model.dim
+    assert config.model.prediction == "velocity" and default.model.prediction == "sample"
     assert config.train == dataclasses.replace(default.train, lr=1.0e-3, adam_beta2=0.999)
     assert str(config.run_path) == "runs/two-llm-concat"
     assert str(config.cache_path) == "runs/ablations/cache"

@@ -94,13 +94,16 @@ def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:
         return objective.loss(model(x_t, t, features, masks), target).item()
 
 
-def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_path):
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_path, prediction):
     from store.reader import CacheReader
 
-    config = config_for(tiny_cache, tmp_path, train={"steps": 120, "lr": 3e-3, "caption_dropout": 0.0})
+    config = config_for(tiny_cache, tmp_path, train={"steps": 120, "lr": 3e-3, "caption_dropout": 0.0},
+                        model={"prediction": prediction})
     run_train(config, progress=False)
     trained = load_exported(config.run_path / "checkpoints", ema=False)
-    start = config_for(tiny_cache, tmp_path / "start", train={"steps": 0})
+    assert trained.model.prediction == prediction  # the export rebuilds the head it trained
+    start = config_for(tiny_cache, tmp_path / "start", train={"steps": 0}, model={"prediction": prediction})
     run_train(start, progress=False)
     initial = load_exported(start.run_path / "checkpoints", ema=False)
     batch = CacheReader(config.cache_path).take(range(48))
