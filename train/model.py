@@ -52,8 +52,9 @@ class TextToImageModel(nn.Module):
         - Linear and Conv2d weights and biases: PyTorch's defaults (Kaiming-uniform with
           a = sqrt(5); bias uniform in +-1/sqrt(fan_in)), drawn when each layer is built.
         - Norms: weight 1, bias 0 (RMSNorm, GroupNorm; the LayerNorms have no affine).
-        - Zero, so that every residual branch adds nothing and the network predicts exactly 0
-          at init: every AdaLNZero (LI-DiT's adaLN, the final layer's shift/scale, the
+        - Zero, so that every residual branch adds nothing and LI-DiT's head outputs exactly 0
+          at init (a velocity of 0; with prediction="sample" a clean image of 0, so the model
+          returns x_t / t): every AdaLNZero (LI-DiT's adaLN, the final layer's shift/scale, the
           refiners' adaptive gates, the collaborative refiner's modulation), LI-DiT's output
           Linear, and the second conv of the convolutional position ResBlock.
         The building blocks already zero their own parts (each is the identity on its own,
