@@ -103,6 +103,7 @@ def sampling_settings(args: argparse.Namespace, config) -> dict:
     s = config.sample
     height, width = default_size(config)
     return {"steps": args.steps or s.steps, "cfg_scale": s.cfg_scale if args.cfg is None else args.cfg,
+            "cfg_interval": list(s.cfg_interval),
             "solver": args.solver or s.solver, "seed": s.seed if args.seed is None else args.seed,
             "height": args.height or height, "width": args.width or width,
             "batch_size": args.batch_size or s.batch_size, "precision": resolve_precision(s.precision, args.device)}

@@ -146,7 +146,8 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     rows, captions, scenes = held_out_rows(reader, exported, limit)
     world = reader.meta["source"]["world"]
     s = config.sample
-    settings = {"steps": s.steps, "cfg_scale": s.cfg_scale, "solver": s.solver, "seed": s.seed,
+    settings = {"steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_interval": list(s.cfg_interval),
+                "solver": s.solver, "seed": s.seed,
                 "height": world["height"], "width": world["width"], "batch_size": s.batch_size,
                 "precision": resolve_precision(s.precision, device)}
     codec = load_codec(exported, device)

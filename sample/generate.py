@@ -79,7 +79,8 @@ def load_codec(exported, device: str | torch.device = "cpu"):
 
 
 def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solver: str, seed: int,
-             height: int, width: int, batch_size: int, unconditional_only: bool = False,
+             height: int, width: int, batch_size: int, cfg_interval: tuple[float, float] = (0.0, 1.0),
+             unconditional_only: bool = False,
              progress: bool = True, first_index: int = 0, text: PromptFeatures | None = None,
              codec=None, precision: str = "fp32") -> np.ndarray:
     """Images for `prompts`: uint8 [N, height, width, 3].
@@ -111,13 +112,14 @@ def generate(exported, prompts: list[str], *, steps: int, cfg_scale: float, solv
             masks = [f.mask.to(device) for f in doubled]  # n x [2B, L_i] bool
 
             def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                rows = x.shape[0]  # 2B guided; B, the conditional rows alone, outside cfg_interval
                 with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32),
                                     enabled=precision in AUTOCAST):
-                    return model(x, t, states, masks).float()  # the solver integrates in fp32
+                    return model(x, t, [s[:rows] for s in states], [m[:rows] for m in masks]).float()  # fp32
 
             first = first_index + start
             noise = initial_noise(shape, seed, range(first, first + len(chunk))).to(device)  # [B, C, h, w]
-            guided = classifier_free_guidance(denoiser, cfg_scale)
+            guided = classifier_free_guidance(denoiser, cfg_scale, tuple(cfg_interval))
             latents = sample(exported.objective.name, solver, guided, exported.objective, noise, steps)
             images.append(codec.decode(latents))  # [B, H, W, 3] uint8
             bar.update(len(chunk))

@@ -9,7 +9,9 @@ Guidance design: `classifier_free_guidance(model_fn, scale)` wraps ONE network c
 a doubled batch. The caller binds the conditioning into `model_fn` so that rows [:B] of
 the doubled batch see the prompt and rows [B:] the empty prompt; the wrapper feeds
 [x; x] at [t; t] and returns uncond + scale * (cond - uncond). One forward per step
-instead of two, and the solvers stay guidance-free.
+instead of two, and the solvers stay guidance-free. With a guidance `interval` the wrapper
+guides only at times inside it; outside, it feeds the B rows of x alone, which `model_fn`
+must answer with the conditional prediction (its first B rows of conditioning).
 
 Every solver has the signature (denoiser, objective, noise, steps, *, progress) so
 `sample` can dispatch by name:
@@ -31,18 +33,24 @@ import torch
 from tqdm.auto import tqdm
 
 from store.config import SOLVERS_FOR_OBJECTIVE
-from train.diffusion import EpsilonObjective, FlowObjective, Objective
+from train.diffusion import NUM_TRAIN_STEPS, EpsilonObjective, FlowObjective, Objective
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t_net) -> prediction
 
 
-def classifier_free_guidance(model_fn: Denoiser, scale: float) -> Denoiser:
+def classifier_free_guidance(model_fn: Denoiser, scale: float,
+                             interval: tuple[float, float] = (0.0, 1.0)) -> Denoiser:
     """Guide a doubled-batch denoiser: rows [:B] conditional, rows [B:] unconditional.
 
     scale 1 gives the conditional prediction, scale 0 the unconditional one (Ho & Salimans).
+    interval (low, high): guide only where low <= t_net / 1000 <= high (the solvers give every
+    row one time); elsewhere one B-row call, the conditional prediction (Kynkäänniemi et al. 2024).
     """
+    low, high = interval
 
     def guided(x: torch.Tensor, t_net: torch.Tensor) -> torch.Tensor:
+        if (low, high) != (0.0, 1.0) and not low <= float(t_net[0]) / NUM_TRAIN_STEPS <= high:
+            return model_fn(x, t_net).float()  # [B, C, H, W]: the conditional rows alone
         prediction = model_fn(torch.cat([x, x]), torch.cat([t_net, t_net]))  # [2B, C, H, W]
         cond, uncond = prediction.float().chunk(2)  # [B, C, H, W] each
         return uncond + scale * (cond - uncond)

@@ -78,6 +78,9 @@ def test_override_sets_a_nested_value():
     ("train.adam_beta2=0.95", None),
     ("train.compile=off", None),  # YAML's false, read back as the option it spells
     ("train.compile=on", r"train.compile: True is not one of"),
+    ("sample.cfg_interval=[0.8,0.2]", r"sample.cfg_interval: expected \[low, high\] with 0 <= low < high <= 1, got \[0.8, 0.2\]"),
+    ("sample.cfg_interval=[0.1]", r"sample.cfg_interval: expected \[low, high\]"),
+    ("sample.cfg_interval=[0.1,1.0]", None),
     ("model.prediction=noise", r"model.prediction: 'noise' is not one of \['velocity', 'sample'\]"),
     ("model.prediction=sample train.objective=eps sample.solver=ddim",
      r"model.prediction: 'sample' needs train.objective 'flow', got 'eps'"),

@@ -147,6 +147,21 @@ def test_guidance_scale_interpolates_from_unconditional_to_conditional(scale, ex
     torch.testing.assert_close(guided(x, torch.zeros(SHAPE[0])), expected * x)
 
 
+def test_guidance_interval_guides_inside_and_asks_for_the_conditional_rows_alone_outside():
+    calls = []
+
+    def pair_or_conditional(x, t_net):
+        calls.append(x.shape[0])
+        return conditional_pair(x, t_net) if x.shape[0] == 2 * SHAPE[0] else 2 * x
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    guided = classifier_free_guidance(pair_or_conditional, 3.0, interval=(0.2, 0.8))
+    for t_net, expected, rows in [(500.0, 8.0, 2 * SHAPE[0]), (200.0, 8.0, 2 * SHAPE[0]),  # the bounds are inside
+                                  (900.0, 2.0, SHAPE[0]), (100.0, 2.0, SHAPE[0])]:
+        torch.testing.assert_close(guided(x, torch.full((SHAPE[0],), t_net)), expected * x)
+        assert calls.pop() == rows
+
+
 @pytest.mark.parametrize("objective_name, solver", [("eps", "euler"), ("flow", "dpmpp")])
 def test_solver_that_does_not_fit_the_objective_is_rejected(objective_name, solver):
     objective = make_objective(objective_name)
@@ -169,7 +184,8 @@ def test_eps_solvers_call_the_network_once_per_step_from_pure_noise_to_step_0(sc
 
 
 @pytest.mark.parametrize("override, attribute, value", [
-    (["train.objective=eps", "train.schedule=cosine", "sample.solver=ddim"], "schedule", "cosine"),
+    (["train.objective=eps", "train.schedule=cosine", "sample.solver=ddim", "model.prediction=velocity"],
+     "schedule", "cosine"),
     (["train.time_sampling=uniform"], "time_sampling", "uniform"),
     (["train.logit_mean=0.5"], "logit_mean", 0.5),
     (["train.logit_std=0.7"], "logit_std", 0.7),

@@ -91,6 +91,20 @@ def test_unconditional_only_ignores_the_prompt(exported):
     assert not np.array_equal(guided[0], guided[1]), "the prompt must matter when conditioned"
 
 
+def test_guidance_outside_its_interval_is_the_conditional_prediction(exported):
+    """sample.cfg_interval: Heun's 2 steps call the network at t = 1 and 0.5. An interval that
+    holds neither time samples as CFG 1 does (the conditional prediction, here from a B-row call);
+    one that holds t = 1 only guides that call, so its images are neither."""
+    prompts = ["a red circle", "two purple circles above three orange squares"]
+    unguided = generate(exported, prompts, **{**SETTINGS, "cfg_scale": 1.0}, batch_size=2, progress=False)
+    never = generate(exported, prompts, **SETTINGS, cfg_interval=(0.0, 0.4), batch_size=2, progress=False)
+    assert np.abs(never.astype(int) - unguided.astype(int)).max() <= 1  # a B-row call may move a float by an ulp
+    guided = generate(exported, prompts, **SETTINGS, batch_size=2, progress=False)
+    first_only = generate(exported, prompts, **SETTINGS, cfg_interval=(0.9, 1.0), batch_size=2, progress=False)
+    assert np.abs(first_only.astype(int) - guided.astype(int)).mean() > 1
+    assert np.abs(first_only.astype(int) - unguided.astype(int)).mean() > 1
+
+
 def test_sample_cli_writes_pngs_with_metadata_and_a_grid(run_config, tmp_path):
     out = tmp_path / "samples"
     code = sample_main(["--config", str(run_config), "--out", str(out), "--prompt", "a red circle",

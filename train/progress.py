@@ -105,6 +105,7 @@ class TrainingProgress(L.Callback):
         s = self.config.sample
         e = self.eval_set
         images = generate(e["live"], e["captions"], steps=self.config.train.eval_steps, cfg_scale=s.cfg_scale,
+                          cfg_interval=s.cfg_interval,
                           solver=s.solver, seed=s.seed, height=world["height"], width=world["width"],
                           batch_size=max(s.batch_size, len(e["captions"])), progress=False, text=e["text"],
                           codec=e["codec"], precision=s.precision)
