@@ -8,6 +8,7 @@ real cached batches, as a bare loop, against one lever at a time:
   - the batch size (16, 32, 64): samples/s;
   - torch threads (1 against the machine's cores);
   - the LI-DiT FFN's depthwise conv (`model.mlp_conv`), as the recipe study pays for it;
+  - the head's other prediction (`model.prediction`: velocity against sample);
 and then, since the bare loop runs fp32 whatever the CPU, the Lightning step (what `make
 train` runs, at the precision `auto` resolves to) against itself with one lever at a time:
 batch 16 and 64, and each fixed precision (32-true, bf16-mixed).
@@ -137,6 +138,12 @@ def bare_part(args, cores: int, results: dict) -> None:
     speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                            ("model.mlp_conv=true",))["samples_per_s"]
     report("model.mlp_conv: true", "mlp_conv_over_bare", speed)
+    from store.config import load_config
+
+    other = "velocity" if load_config(args.config).model.prediction == "sample" else "sample"
+    speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
+                           (f"model.prediction={other}",))["samples_per_s"]
+    report(f"model.prediction: {other}", "prediction_over_bare", speed)
     last = in_own_process(bare_loop, args.config, args.steps, args.warmup)["samples_per_s"]
     base = results["bare_samples_per_s"] = (first + last) / 2
     print(f"reference again, last: {last:.1f} samples/s (first {first:.1f}); the ratios above are over the "
