@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                              args.steps or [s.steps], args.solver or [s.solver])
 
     records = []
-    for weights, cfg, (low, high), steps, solver in grid:
+    for weights, cfg, (t_low, t_high), steps, solver in grid:
         config = load_config(args.config, [*args.overrides, f"sample.use_ema={weights == 'ema'}",
-                                           f"sample.cfg_scale={cfg}", f"sample.cfg_interval=[{low},{high}]",
+                                           f"sample.cfg_scale={cfg}", f"sample.cfg_interval=[{t_low},{t_high}]",
                                            f"sample.steps={steps}", f"sample.solver={solver}"])
         started = time.perf_counter()
-        span = "" if (low, high) == (0.0, 1.0) else f"-t{low:g}-{high:g}"
+        span = "" if (t_low, t_high) == (0.0, 1.0) else f"-t{t_low:g}-{t_high:g}"
         out = config.run_path / "sampling" / f"{weights}-cfg{cfg:g}{span}-{solver}{steps}"
         result = run_eval(config, args.checkpoint, out, args.limit, args.device, progress=False,
                           references=("model",))
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         scores = result["scores"]["model"]
         low, high = interval(scores["overall"], overall_variance(scores))
         about = json.loads((result["out"] / "shapeeval.json").read_text())["settings"]
-        records.append({"weights": weights, "cfg_scale": cfg, "cfg_interval": [low, high], "steps": steps,
+        records.append({"weights": weights, "cfg_scale": cfg, "cfg_interval": [t_low, t_high], "steps": steps,
                         "solver": solver,
                         "overall": scores["overall"], "interval95": [low, high],
                         "categories": scores["categories"], "counts": scores["counts"],
                         "seconds": seconds, "train_step": about["train_step"], "rows": result["rows"]})
-        print(f"{weights} cfg {cfg:g} in [{low:g}, {high:g}] {solver} {steps} steps: overall {scores['overall']:.3f} "
+        print(f"{weights} cfg {cfg:g} in [{t_low:g}, {t_high:g}] {solver} {steps} steps: overall {scores['overall']:.3f} "
               f"({low:.3f}-{high:.3f}) in {seconds:.0f} s", flush=True)
 
     base = records[0]["overall"]
