@@ -4,6 +4,7 @@ The default model's training step (fwd + bwd + AdamW, the loss of `train.objecti
 real cached batches, as a bare loop, against one lever at a time:
   - the Lightning step (`make_trainer`) around the same model: the framework's overhead;
   - AdamW's implementations: for-loop (torch's CPU default), foreach, fused;
+  - Muon for the hidden matrices (`train.optimizer: muon`, train/optim.py): its Newton-Schulz cost;
   - torch.compile (inductor) of the model, its compile time reported apart;
   - the batch size (16, 32, 64): samples/s;
   - torch threads (1 against the machine's cores);
@@ -22,6 +23,7 @@ first run warms the page cache; the reference is timed first and again last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,13 +40,16 @@ from bench.train import in_own_process, measure_side, setup_process  # noqa: E40
 
 def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "default", compiled: bool = False,
               threads: int | None = None, overrides: tuple = ()) -> dict:
-    """samples/s of a plain fwd + bwd + AdamW loop on the default data and model."""
+    """samples/s of a plain fwd + bwd + optimizer loop on the default data and model.
+
+    optimizer: AdamW's "default" (for-loop), "foreach" or "fused", or "muon" (train/optim.py)."""
     import lightning as L
     import torch
 
     from store.config import load_config
     from train.data import CacheDataModule
     from train.module import LIDiTModule
+    from train.optim import build_optimizer
     from train.run import open_cache
 
     setup_process()
@@ -58,8 +63,11 @@ def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "defau
     data = CacheDataModule(config)
     data.setup()
     batches = iter(data.train_dataloader())
-    kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
-    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, **kwargs)
+    if optimizer == "muon":
+        opt = build_optimizer(model, dataclasses.replace(config.train, optimizer="muon"))
+    else:
+        kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+        opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, **kwargs)
     compile_seconds = None
     if compiled:
         start = time.perf_counter()
@@ -124,6 +132,8 @@ def bare_part(args, cores: int, results: dict) -> None:
     for optimizer in ("foreach", "fused"):
         speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, optimizer)["samples_per_s"]
         report(f"AdamW {optimizer}", f"adamw_{optimizer}_over_bare", speed)
+    speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "muon")["samples_per_s"]
+    report("Muon + AdamW (train.optimizer: muon)", "muon_over_bare", speed)
     compiled = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", True)
     report("torch.compile (inductor)", "compile_over_bare", compiled["samples_per_s"],
            f"(first step incl. compiling: {compiled['compile_seconds']:.0f} s)")

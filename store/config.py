@@ -142,6 +142,10 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95 is common for transformers)
+    # "adamw", or "muon": Muon for the 2-D hidden weights, AdamW for the rest (train/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float | None = None  # Muon's lr (its update matched to AdamW's RMS); None: train.lr
+    muon_momentum: float = 0.95
     warmup_steps: int = 200
     # after warm-up: "constant", or "cosine" from lr down to lr * lr_final over train.steps
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -448,6 +452,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.logit_std: must be > 0, got {config.train.logit_std}")
     if not 0.0 <= config.train.adam_beta2 < 1.0:
         raise ConfigError(f"train.adam_beta2: must be in [0, 1), got {config.train.adam_beta2}")
+    if config.train.muon_lr is not None and config.train.muon_lr <= 0:
+        raise ConfigError(f"train.muon_lr: must be > 0 (or null for train.lr), got {config.train.muon_lr}")
+    if not 0.0 <= config.train.muon_momentum < 1.0:
+        raise ConfigError(f"train.muon_momentum: must be in [0, 1), got {config.train.muon_momentum}")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
 

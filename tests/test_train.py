@@ -57,16 +57,18 @@ def test_compiled_training_follows_the_eager_loss_curve(tiny_cache, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
 
 
-def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path):
-    straight = config_for(tiny_cache, tmp_path / "a", train={"steps": 8})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path, optimizer):
+    # with Muon too: the checkpoint holds both inner optimizers' state (momentum, Adam moments)
+    straight = config_for(tiny_cache, tmp_path / "a", train={"steps": 8, "optimizer": optimizer})
     run_train(straight, progress=False)
-    interrupted = config_for(tiny_cache, tmp_path / "b", train={"steps": 4})
+    interrupted = config_for(tiny_cache, tmp_path / "b", train={"steps": 4, "optimizer": optimizer})
     run_train(interrupted, progress=False)  # stops at step 4 and leaves last.ckpt
     # A row logged after the checkpoint, before the crash: logged again by the resume, kept once
     metrics = interrupted.run_path / "logs" / "metrics.csv"
     first_part = pd.read_csv(metrics)
     pd.concat([first_part, first_part.tail(1).assign(step=4)]).to_csv(metrics, index=False)
-    resumed = config_for(tiny_cache, tmp_path / "b", train={"steps": 8})
+    resumed = config_for(tiny_cache, tmp_path / "b", train={"steps": 8, "optimizer": optimizer})
     summary = run_train(resumed, progress=False)
     assert summary["steps"] == 8
     a, b = losses(straight), losses(resumed)
@@ -76,7 +78,8 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
     assert list(pd.read_csv(metrics).columns) == list(first_part.columns)
     # A config whose model no longer matches the checkpoint is refused, saying what differs,
     # and the checkpoint is left as it was.
-    changed = config_for(tiny_cache, tmp_path / "b", train={"steps": 10}, model={"dim": 2 * resumed.model.dim})
+    changed = config_for(tiny_cache, tmp_path / "b", train={"steps": 10, "optimizer": optimizer},
+                         model={"dim": 2 * resumed.model.dim})
     last = resumed.run_path / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     with pytest.raises(ConfigError, match=r"cannot resume .*model\.dim: \d+ in the checkpoint, \d+ now"):
@@ -94,11 +97,13 @@ def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:
         return objective.loss(model(x_t, t, features, masks), target).item()
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "sample"])
-def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_path, prediction):
+@pytest.mark.parametrize(("prediction", "optimizer"), [("velocity", "adamw"), ("sample", "adamw"),
+                                                       ("velocity", "muon")])
+def test_training_from_the_cache_lowers_the_loss_on_fixed_draws(tiny_cache, tmp_path, prediction, optimizer):
     from store.reader import CacheReader
 
-    config = config_for(tiny_cache, tmp_path, train={"steps": 120, "lr": 3e-3, "caption_dropout": 0.0},
+    config = config_for(tiny_cache, tmp_path, train={"steps": 120, "lr": 3e-3, "caption_dropout": 0.0,
+                                                      "optimizer": optimizer},
                         model={"prediction": prediction})
     run_train(config, progress=False)
     trained = load_exported(config.run_path / "checkpoints", ema=False)

@@ -1,4 +1,4 @@
-"""The LightningModule: the model, the diffusion loss, AdamW with warm-up, EMA weights.
+"""The LightningModule: the model, the diffusion loss, the optimizer (train/optim.py) with warm-up, EMA weights.
 
 The Trainer owns devices, precision, gradient clipping and checkpoints. The noise and
 timesteps of step k come from a generator seeded by (seed, k), so a resumed run
@@ -16,6 +16,7 @@ import torch
 from store.config import Config, config_from_dict
 from train.diffusion import objective_from_config
 from train.model import TextToImageModel, build_kwargs
+from train.optim import build_optimizer
 
 
 class LIDiTModule(L.LightningModule):
@@ -88,8 +89,7 @@ class LIDiTModule(L.LightningModule):
 
     def configure_optimizers(self):
         train = self.config.train
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                      betas=(0.9, train.adam_beta2))
+        optimizer = build_optimizer(self.model, train)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(train, step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
