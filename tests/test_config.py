@@ -46,11 +46,15 @@ def test_ablation_recipe_inherits_its_base_and_keeps_its_own_name():
     config = load_config(CONFIGS / "ablations" / "two-llm-concat.yaml")  # base.yaml, then default.yaml
     default = load_config(CONFIGS / "default.yaml")
     assert config.model.fusion == "concat" and default.model.fusion == "collaborative"
-    # the default's training recipe, but the lr and beta2 every ablation record was measured with
+    # the default's training recipe, but the lr, beta2 and times every ablation record was measured with
     assert (config.train.lr, config.train.adam_beta2) == (1.0e-3, 0.999)
+    assert (config.train.logit_mean, config.train.logit_std) == (0.0, 1.0) != (default.train.logit_mean,
+                                                                                default.train.logit_std)
     assert config.model.dim == default.model.dim
     assert config.model.prediction == "velocity" and default.model.prediction == "sample"
-    assert config.train == dataclasses.replace(default.train, lr=1.0e-3, adam_beta2=0.999)
+    assert config.train == dataclasses.replace(default.train, lr=1.0e-3, adam_beta2=0.999, logit_mean=0.0,
+                                               logit_std=1.0)
+    assert (config.sample.cfg_scale, config.sample.cfg_interval) == (3.0, [0.0, 1.0])
     assert str(config.run_path) == "runs/two-llm-concat"
     assert str(config.cache_path) == "runs/ablations/cache"
 
