@@ -315,3 +315,17 @@ def test_two_ddp_processes_train_exactly_what_one_process_trains(tiny_cache, tmp
     # moves near-zero ones by a few 1e-6 (measured 2.9e-6).
     for name, one in weights[1].items():
         torch.testing.assert_close(weights[2][name], one, atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_fixed_draw_loss_reads_either_split_at_the_times_asked(tiny_cache, tmp_path):
+    from train.matrix import heldout_loss
+
+    config = config_for(tiny_cache, tmp_path, train={"steps": 2})
+    run_train(config, progress=False)
+    held_out = heldout_loss(config, 8)
+    assert heldout_loss(config, 8) == held_out  # fixed times and noise: the same number again
+    assert heldout_loss(config, 8, split="train") != held_out  # other rows
+    noisy, clean = heldout_loss(config, 8, times=(0.9,)), heldout_loss(config, 8, times=(0.1,))
+    assert noisy != clean and min(noisy, clean) > 0
+    with pytest.raises(ValueError, match=r"split='test'; allowed: train, eval"):
+        heldout_loss(config, 8, split="test")

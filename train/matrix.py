@@ -108,10 +108,16 @@ def load_matrix(path: str | Path, only: list[str] | None = None, seeds: list[int
 HELDOUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0) -> float:
+def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0, split: str = "eval",
+                 times: tuple[float, ...] = HELDOUT_TIMES) -> float:
     """The exported EMA model's training loss on the first `rows` held-out rows, at fixed
     times (HELDOUT_TIMES) and fixed noise: the same draws for every recipe and seed, so two
-    runs compare without the noise of random timesteps (a low-variance companion to ShapeEval)."""
+    runs compare without the noise of random timesteps (a low-variance companion to ShapeEval).
+
+    split="train": the same measure on the first training rows (the gap to "eval" is the
+    overfitting); `times`: other fixed times t (1 = noise), e.g. one at a time."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}; allowed: train, eval")
     import numpy as np
     import torch
 
@@ -121,7 +127,7 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0)
     exported = load_exported(config.run_path / "checkpoints", ema=True)
     names = [e["name"] for e in exported.encoders]
     reader = CacheReader(config.cache_path, encoders=names)
-    held_out = np.flatnonzero(reader.column("split") == "eval")[:rows].tolist()
+    held_out = np.flatnonzero(reader.column("split") == split)[:rows].tolist()
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -130,7 +136,7 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0)
             x0 = batch["latents"]
             features = [batch["text"][n].states for n in names]
             masks = [batch["text"][n].mask for n in names]
-            for t in HELDOUT_TIMES:
+            for t in times:
                 noise = torch.randn(x0.shape, generator=generator)
                 x_t, t_net, target = exported.objective.at_times(x0, torch.full((len(x0),), t), noise)
                 loss = exported.objective.loss(exported.model(x_t, t_net, features, masks), target)
