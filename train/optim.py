@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from store.config import TrainConfig
+
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -70,8 +72,8 @@ def muon_split(model: nn.Module, head: nn.Module) -> tuple[list[nn.Parameter], l
     return matrices, others
 
 
-def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
-    """The optimizer of train.optimizer for a TextToImageModel (train: a TrainConfig)."""
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of train.optimizer for a TextToImageModel."""
     betas = (0.9, train.adam_beta2)
     if train.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=betas)
