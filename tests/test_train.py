@@ -84,6 +84,10 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
     before = last.read_bytes()
     with pytest.raises(ConfigError, match=r"cannot resume .*model\.dim: \d+ in the checkpoint, \d+ now"):
         run_train(changed, progress=False)
+    other = "muon" if optimizer == "adamw" else "adamw"  # its state would not load: refused up front
+    switched = config_for(tiny_cache, tmp_path / "b", train={"steps": 10, "optimizer": other})
+    with pytest.raises(ConfigError, match=rf"train\.optimizer: '{optimizer}' in the checkpoint, '{other}' now"):
+        run_train(switched, progress=False)
     assert last.read_bytes() == before
 
 

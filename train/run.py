@@ -49,7 +49,7 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
 
 def check_resumable(checkpoint: Path | RemotePath, config: Config) -> int:
     """The step a last.ckpt resumes from; refused, with what differs, if the config no longer
-    builds its model.
+    builds its model or its optimizer.
 
     Otherwise the resume dies deep in load_state_dict with one size mismatch per tensor:
     what a user sees after the default model changed under an old runs/<name>."""
@@ -68,8 +68,11 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> int:
 
     if "encoders" in saved and encoders(saved) != encoders(now):
         differ.append(f"encoders: {encoders(saved)} in the checkpoint, {encoders(now)} now")
+    optimizer = saved.get("train", {}).get("optimizer", "adamw")  # AdamW before the switch existed
+    if optimizer != now["train"]["optimizer"]:  # its state would not load into the other optimizer
+        differ.append(f"train.optimizer: {optimizer!r} in the checkpoint, {now['train']['optimizer']!r} now")
     if differ:
-        raise ConfigError(f"cannot resume from {checkpoint}: it was trained with another model ("
+        raise ConfigError(f"cannot resume from {checkpoint}: it was trained with another model or optimizer ("
                           + "; ".join(differ) + "). Train under another name (--set name=...), "
                           "or start over with --fresh (the checkpoint is then overwritten)")
     return int(whole.get("global_step", 0))
