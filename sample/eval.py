@@ -12,8 +12,10 @@ Images are generated at the world's size, since each scene is judged at its own 
 captions' text features are the cache's own (`make embed` wrote them with the same prompt
 encoder that `make sample` runs), so no LLM is loaded and `make eval` runs wherever training
 runs, with or without the LLM packages.
-Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, grid.png (the
-first 32 generated images) and grid_captions.txt to <run>/eval.
+Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, failures.json
+(why the model's images failed, per category), images.npz (the model's images and captions,
+to re-score or inspect without sampling again), grid.png (the first 32 generated images) and
+grid_captions.txt to <run>/eval.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from embed.codecs import CodecError
 from embed.encoder import EncoderError
 from sample.generate import SampleError, generate, image_grid, load_codec, resolve_precision
 from sample.layouts import save_png
-from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, shapeeval
+from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, score_scene, shapeeval
 from sample.text import CachedText, PromptFeatureError
 from store.config import Config, ConfigError, load_config
 from store.reader import CacheError, CacheReader
@@ -86,6 +88,73 @@ def comparison_table(scores: dict, biases: dict) -> str:
         means = [biases[name]["bins"][i]["mean"] for name in names]
         values = "".join(f"{'-':>9}" if m is None else f"{m:>9.3f}" for m in means)
         lines.append(f"{span:<20}{values}{bin_['count']:>9d}")
+    return "\n".join(lines)
+
+
+# Why an image failed, first reason that applies: a mention with no object of its colour and
+# shape, then a wrong count, then a wrong named size, then a stated relation that does not hold
+# (split by what holds instead between the named objects: the opposite relation, one on the
+# other axis, or neither).
+FAILURES = ("missing", "count", "size", "relation reversed", "relation other axis", "relation unclear")
+CATEGORY_OF = {"single": "single_object", "two_objects": "two_objects", "counting": "counting",
+               "relation": "position", "attributes": "color_attribution"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OTHER_AXIS = {"left of": ("above", "below"), "right of": ("above", "below"),
+              "above": ("left of", "right of"), "below": ("left of", "right of")}
+
+
+def _relation_verdict(rel: str, relation: dict, scene: dict, world: dict, image) -> str:
+    """Which relation holds instead between the named objects (the scene with `rel` swapped in)."""
+    swapped = {**scene, "relations": [{**relation, "rel": rel}]}
+    return any(score_scene(image, swapped, world)["relations"])
+
+
+def failure_reasons(images, scenes, world: dict) -> dict:
+    """Per ShapeEval category, how many images failed and the first reason each failed
+    (FAILURES); the scorer's own verdicts (`score_scene`), so the failures add up to
+    (1 - score) x images. "colors" is left out: it re-scores single and two-object images.
+
+    Returns {category: {"images": n, "failed": k, "reasons": {reason: count}}}."""
+    out = {name: {"images": 0, "failed": 0, "reasons": dict.fromkeys(FAILURES, 0)}
+           for name in CATEGORY_OF.values()}
+    for image, scene in zip(images, scenes):
+        image = np.asarray(image)
+        verdict = score_scene(image, scene, world)
+        entry = out[CATEGORY_OF[scene["kind"]]]
+        entry["images"] += 1
+        mentions = verdict["mentions"]
+        bound = all(m["bound"] for m in mentions)
+        ok = bound if scene["kind"] == "attributes" else verdict["correct"]
+        if ok:
+            continue
+        entry["failed"] += 1
+        if not bound:
+            reason = "missing"
+        elif not all(m["count_ok"] for m in mentions):
+            reason = "count"
+        elif any(m["size_ok"] is False for m in mentions):
+            reason = "size"
+        else:
+            relation = scene["relations"][verdict["relations"].index(False)]
+            rel = relation["rel"]
+            if _relation_verdict(OPPOSITE[rel], relation, scene, world, image):
+                reason = "relation reversed"
+            elif any(_relation_verdict(r, relation, scene, world, image) for r in OTHER_AXIS[rel]):
+                reason = "relation other axis"
+            else:
+                reason = "relation unclear"
+        entry["reasons"][reason] += 1
+    return {name: entry for name, entry in out.items() if entry["images"]}
+
+
+def failure_table(failures: dict) -> str:
+    """Failed images per category and their first reasons, as counts."""
+    short = {"relation reversed": "reversed", "relation other axis": "other axis", "relation unclear": "unclear"}
+    names = [short.get(r, r) for r in FAILURES]
+    lines = [f"{'why images failed':<20}{'failed':>9}" + "".join(f"{n:>11}" for n in names)]
+    for category, entry in failures.items():
+        counts = "".join(f"{entry['reasons'][r]:>11d}" for r in FAILURES)
+        lines.append(f"{category:<20}{entry['failed']:>5d}/{entry['images']:<3d}{counts}")
     return "\n".join(lines)
 
 
@@ -162,6 +231,7 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     images = {name: make[name]() for name in REFERENCES if name in references}
     scores = {name: shapeeval(images[name], scenes, world) for name in images}
     biases = {name: positional_bias(images[name], scenes, world) for name in images}
+    failures = failure_reasons(images["model"], scenes, world)
 
     out = location(out or config.run_path / "eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -169,13 +239,18 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
              "rows": len(rows)}
     (out / "shapeeval.json").write_text(json.dumps({**scores, "settings": about}, indent=2))
     (out / "positional_bias.json").write_text(json.dumps(biases, indent=2))
-    table = comparison_table(scores, biases)
+    (out / "failures.json").write_text(json.dumps(failures, indent=2))
+    saved = io.BytesIO()  # through write_bytes, as every file here: `out` may be on object storage
+    np.savez_compressed(saved, images=images["model"], captions=np.array(captions))
+    (out / "images.npz").write_bytes(saved.getvalue())
+    table = comparison_table(scores, biases) + "\n\n" + failure_table(failures)
     (out / "table.txt").write_text(table + "\n")
     plot_bias(biases, out / "positional_bias.png")
     shown = images["model"][:GRID_IMAGES]
     save_png(out / "grid.png", image_grid(shown, GRID_COLUMNS), {"settings": about})
     (out / "grid_captions.txt").write_text("".join(f"{i:2d}: {c}\n" for i, c in enumerate(captions[:len(shown)])))
-    return {"scores": scores, "biases": biases, "table": table, "out": out, "rows": len(rows)}
+    return {"scores": scores, "biases": biases, "failures": failures, "table": table, "out": out,
+            "rows": len(rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,9 @@ class ModelConfig:
     collab_condition: Literal["branch", "mean"] = "branch"
     mlp_conv: bool = False  # a depthwise 3x3 conv on the token grid inside each LI-DiT FFN
     rope: bool = False  # a 2-D rotary position embedding in LI-DiT's self-attention (not in the paper)
+    # a fixed 2-D sine-cosine table of each token's place in the image, added before the blocks (DiT's;
+    # not in the paper, whose only position signal is the convolutional ResBlock)
+    abs_pos: bool = False
     # what LI-DiT's head outputs (flow only): "velocity" (SD3), or "sample", the clean image x0,
     # turned into the velocity (x_t - x0) / t inside the model, so the loss and the solvers are
     # unchanged (JiT, Li & He 2025: "Back to Basics: Let Denoising Generative Models Denoise")
@@ -414,6 +417,8 @@ def validate(config: Config) -> None:
     if config.model.rope and (config.model.dim // config.model.heads) % 4:
         raise ConfigError(f"model.rope: the head width model.dim / model.heads = "
                           f"{config.model.dim // config.model.heads} must be divisible by 4")
+    if config.model.abs_pos and config.model.dim % 4:
+        raise ConfigError(f"model.abs_pos: model.dim {config.model.dim} must be divisible by 4")
     for i, bucket in enumerate(config.codec.buckets):
         if len(bucket) != 2 or min(bucket) < 1:
             raise ConfigError(f"codec.buckets[{i}]: expected [height, width], got {bucket}")

@@ -71,6 +71,7 @@ def test_override_sets_a_nested_value():
     ("sample.solver=ddim", r"sample.solver: 'ddim' does not fit train.objective 'flow'"),
     ("model.encoders=[gpt]", r"model.encoders: \['gpt'\] not among encoders"),
     ("model.rope=true model.dim=192 model.heads=32", r"model.rope: the head width model.dim / model.heads = 6 must be divisible by 4"),
+    ("model.abs_pos=true model.rope=false model.dim=130 model.heads=2", r"model.abs_pos: model.dim 130 must be divisible by 4"),
     ("train.steps=many", r"train.steps: expected an integer"),
     ("encoders.0.layer=0", r"encoders\[0\].layer: 0 is the embedding layer"),
     ("train.batch_size=0", r"train.batch_size: must be >= 1, got 0"),

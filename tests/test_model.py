@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from train.layers import Attention, Mlp, apply_rope, masked_mean, rope_2d
+from train.layers import Attention, Mlp, apply_rope, masked_mean, rope_2d, sincos_2d
 from train.lidit import LIDiT
 from train.model import TextToImageModel
 from train.refiner import (
@@ -101,7 +101,7 @@ def _lidit_outputs(pad: int):
     return dit(x, t, cond, cond_mask)
 
 
-SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True)
+SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True, abs_pos=True)
 
 
 def _model_outputs(pad: int, **switches):
@@ -324,3 +324,26 @@ def test_collaborative_branches_are_modulated_as_configured(condition):
         pooled = torch.stack([masked_mean(x, m) for (x, _), m in zip(refined, masks)]).mean(dim=0)
         for c_seen in seen:
             torch.testing.assert_close(c_seen, pooled + t_emb)
+
+
+def test_abs_pos_tells_each_token_its_place_in_the_image():
+    table = sincos_2d(4, 6, 16)  # [N, D]
+    assert table.shape == (24, 16)
+    assert torch.cdist(table, table).add(torch.eye(24)).min() > 1e-2  # every token distinct
+    # the same fraction of the image reads the same at any grid size: the centre column of a
+    # 3-wide grid is the centre column of a 9-wide one
+    torch.testing.assert_close(sincos_2d(1, 3, 16)[1], sincos_2d(1, 9, 16)[4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        LIDiT(4, 2, 22, depth=1, heads=2, abs_pos=True)
+    # without it, the blocks see positions only through the convolutions: a grid whose tokens
+    # the convolutions cannot tell apart (constant input) gives one output for all; with it, not
+    torch.manual_seed(0)
+    outputs = {}
+    for abs_pos in (False, True):
+        torch.manual_seed(0)
+        dit = _perturb_zero_init(LIDiT(4, 1, DIM, depth=1, heads=HEADS, abs_pos=abs_pos))
+        dit.pos_embed = torch.nn.Identity()  # no convolution: no border signal
+        x, cond = torch.ones(1, 4, 6, 6), torch.randn(1, 3, DIM)
+        outputs[abs_pos] = dit(x, torch.tensor([500.0]), cond, torch.ones(1, 3, dtype=torch.bool))[0, :, :, :]
+    assert outputs[False].std(dim=(1, 2)).max() < 1e-5
+    assert outputs[True].std(dim=(1, 2)).max() > 1e-3

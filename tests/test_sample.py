@@ -13,8 +13,9 @@ import yaml
 from PIL import Image
 
 from sample.__main__ import main as sample_main
-from sample.eval import run_eval
+from sample.eval import FAILURES, failure_reasons, held_out_rows, run_eval
 from sample.generate import generate
+from sample.shapeeval import shapeeval
 from sample.text import PromptFeatures
 from store.config import Config, build, validate
 from store.reader import CacheReader
@@ -152,6 +153,14 @@ def test_eval_scores_model_floor_and_ceiling_and_the_ceiling_is_perfect(run_conf
     for name in ("table.txt", "positional_bias.json", "positional_bias.png", "grid.png", "grid_captions.txt"):
         assert (tmp_path / name).is_file(), name
     assert len((tmp_path / "grid_captions.txt").read_text().splitlines()) == 6
+    failures = json.loads((tmp_path / "failures.json").read_text())
+    assert sum(entry["images"] for entry in failures.values()) == 6
+    with np.load(tmp_path / "images.npz", allow_pickle=False) as saved:  # re-scorable without sampling
+        assert saved["images"].shape == (6, 32, 32, 3) and len(saved["captions"]) == 6
+        reader = CacheReader(config.cache_path)
+        _, _, scenes = held_out_rows(reader, load_exported(config.run_path / "checkpoints"), 6)
+        rescored = shapeeval(saved["images"], scenes, reader.meta["source"]["world"])
+    assert rescored["overall"] == result["scores"]["model"]["overall"]
 
 
 def test_eval_reads_the_cached_text_and_loads_no_llm(run_config, tmp_path, monkeypatch):
@@ -166,3 +175,27 @@ def test_eval_reads_the_cached_text_and_loads_no_llm(run_config, tmp_path, monke
     config = build(Config, yaml.safe_load(run_config.read_text()), "")
     result = run_eval(config, out=tmp_path, limit=4, progress=False, references=("model",))
     assert result["rows"] == 4 and 0.0 <= result["scores"]["model"]["overall"] <= 1.0
+
+
+def test_failure_reasons_name_what_broke_each_image():
+    from embed.shapes import make_scene, render, world_spec
+
+    world = world_spec(32, 32)
+    scenes = [make_scene(3, i) for i in range(300)]
+    truth = failure_reasons([render(s) for s in scenes], scenes, world)
+    assert all(entry["failed"] == 0 for entry in truth.values())  # the renderings pass
+    blank = np.zeros((32, 32, 3), np.uint8)
+    empty = failure_reasons([blank] * len(scenes), scenes, world)
+    assert all(entry["failed"] == entry["images"] == entry["reasons"]["missing"] for entry in empty.values())
+    # Mirrored left-right, "left of" becomes "right of" and vertical relations still hold
+    horizontal = [s for s in scenes if s["kind"] == "relation" and s["relations"][0]["rel"] in ("left of", "right of")]
+    vertical = [s for s in scenes if s["kind"] == "relation" and s["relations"][0]["rel"] in ("above", "below")]
+    mirrored = failure_reasons([render(s)[:, ::-1] for s in horizontal + vertical], horizontal + vertical, world)
+    position = mirrored["position"]
+    assert position["reasons"]["relation reversed"] == len(horizontal) > 0
+    assert position["failed"] == len(horizontal)  # triangles point up: mirroring keeps every shape
+    # Transposed, a horizontal relation becomes a vertical one
+    transposed = failure_reasons([render(s).transpose(1, 0, 2) for s in horizontal], horizontal, world)
+    assert transposed["position"]["reasons"]["relation other axis"] > 0
+    assert sum(transposed["position"]["reasons"].values()) == transposed["position"]["failed"]
+    assert set(transposed["position"]["reasons"]) == set(FAILURES)

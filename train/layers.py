@@ -92,6 +92,27 @@ def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, t
     return angles.cos(), angles.sin()
 
 
+SINCOS_GRID = 16  # abs_pos: coordinates are fractions of the image, in units of a 16-token grid
+
+
+def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """A fixed 2-D sine-cosine table of absolute positions for an h x w token grid (row-major): [h * w, dim].
+
+    DiT's table, but of each token centre's fraction of the image ((i + 0.5) / h), so a token
+    at the left of the picture reads the same at every grid size. Half the channels carry the
+    row, half the column, each as sin and cos at ROPE_BASE^(-i / quarter) radians per unit of a
+    SINCOS_GRID-token grid.
+    """
+    if dim % 4:
+        raise ValueError(f"abs_pos: model.dim {dim} must be divisible by 4 (sin and cos of rows and columns)")
+    quarter = dim // 4
+    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # [quarter]
+    rows = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * SINCOS_GRID
+    cols = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w * SINCOS_GRID
+    rows, cols = rows.repeat_interleave(w)[:, None] * freqs, cols.repeat(h)[:, None] * freqs  # [N, quarter]
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=-1)  # [N, dim]
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [B, L, H, Dh] rotated by rope = (cos, sin) [L, Dh], in fp32, returned in x's dtype."""
     cos, sin = (r[None, :, None, :] for r in rope)  # [1, L, 1, Dh]

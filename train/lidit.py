@@ -8,6 +8,9 @@ text) -> FinalLayer -> unpatchify.
 `rope=True` (config `model.rope`, not in the paper) adds a 2-D rotary embedding to the
 self-attention's queries and keys: attention then knows the relative offset of two tokens,
 which the convolutions alone give only within their few-token receptive field.
+`abs_pos=True` (config `model.abs_pos`, not in the paper; DiT's own position signal) adds a
+fixed sine-cosine table of each token's place in the image to the tokens before the blocks:
+every token then knows where it is, not only tokens within the convolutions' reach of a border.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from train.layers import (AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate, rope_2d,
-                          rope_quarter)
+                          rope_quarter, sincos_2d)
 
 #################################################################################
 #                       Patchify and position embedding                          #
@@ -129,11 +132,14 @@ class LIDiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False):
+                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False, abs_pos: bool = False):
         super().__init__()
         if rope:
             rope_quarter(dim // heads)  # refuse a head width the rotary embedding cannot split, at build time
+        if abs_pos:
+            sincos_2d(1, 1, dim)  # and a width the sine-cosine table cannot split
         self.rope = rope
+        self.abs_pos = abs_pos
         self.head_dim = dim // heads
         self.in_channels = in_channels
         self.out_channels = in_channels
@@ -168,6 +174,8 @@ class LIDiT(nn.Module):
         x = self.pos_embed(self.x_embedder(x))  # [B, D, h, w]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N = h * w, D]
+        if self.abs_pos:
+            x = x + sincos_2d(h, w, x.shape[-1], device=x.device).to(x.dtype)  # [N, D], broadcast over B
         if t_emb is None:
             t_emb = self.timestep_embedding(t)  # [B, D]
         c = t_emb + self.text_pool(masked_mean(cond, cond_mask))  # [B, D]

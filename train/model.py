@@ -34,7 +34,8 @@ class TextToImageModel(nn.Module):
                  heads: int, mlp_ratio: float = 4.0, refiner_depth: int = 2, collab_depth: int = 1,
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
-                 mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity"):
+                 mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity",
+                 abs_pos: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -42,7 +43,7 @@ class TextToImageModel(nn.Module):
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
         self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
-                         rope=rope)
+                         rope=rope, abs_pos=abs_pos)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -115,4 +116,5 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "mlp_conv": model.mlp_conv,
         "rope": model.rope,
         "prediction": model.prediction,
+        "abs_pos": model.abs_pos,
     }
