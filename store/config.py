@@ -156,6 +156,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # probability of training on the unconditional text
+    # shapes world: each training row of a scene kind appears this many times per epoch, e.g.
+    # {relation: 2} (kinds: single, two_objects, relation, counting, attributes); others once
+    repeat_kinds: dict[str, int] = field(default_factory=dict)
     # Lightning precision; "auto": bf16-mixed on a bf16 GPU or an AMX CPU, else 32-true (16-mixed on older GPUs)
     precision: str = "auto"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -434,6 +437,15 @@ def validate(config: Config) -> None:
             f"sample.solver: {config.sample.solver!r} does not fit train.objective "
             f"{config.train.objective!r}; allowed: {list(allowed)}"
         )
+    from embed.shapes import KIND_PROBABILITIES  # the shapes world's scene kinds (numpy only)
+
+    for kind, times in config.train.repeat_kinds.items():
+        if kind not in KIND_PROBABILITIES:
+            raise ConfigError(f"train.repeat_kinds: unknown scene kind {kind!r}; allowed: {list(KIND_PROBABILITIES)}")
+        if times < 0:
+            raise ConfigError(f"train.repeat_kinds.{kind}: must be >= 0, got {times}")
+    if config.train.repeat_kinds and config.data.source != "shapes":
+        raise ConfigError(f"train.repeat_kinds: needs data.source shapes (scene kinds), got {config.data.source!r}")
     if not 0.0 <= config.train.caption_dropout < 1.0:
         raise ConfigError("train.caption_dropout: must be in [0, 1)")
     for key, low in RANGES:

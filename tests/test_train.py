@@ -187,6 +187,27 @@ def test_bucket_sampler_resumes_mid_stream():
     assert [next(resumed) for _ in range(8)] == expected[17:25]
 
 
+def test_repeat_kinds_changes_the_mix_of_scene_kinds_an_epoch_holds(tiny_cache, tmp_path):
+    from train.data import CacheDataModule
+
+    def epoch_kinds(config):
+        data = CacheDataModule(config)
+        data.setup()
+        truth = data.reader.column("truth")
+        rows = np.concatenate(list(data.buckets.values()))
+        return [json.loads(truth[r])["kind"] for r in rows], rows
+
+    plain, plain_rows = epoch_kinds(config_for(tiny_cache, tmp_path))
+    assert "relation" in plain and len(set(plain_rows.tolist())) == len(plain_rows)  # each row once
+    kinds, rows = epoch_kinds(config_for(tiny_cache, tmp_path, train={"repeat_kinds": {"relation": 3, "single": 0}}))
+    assert kinds.count("relation") == 3 * plain.count("relation")
+    assert "single" not in kinds
+    assert kinds.count("counting") == plain.count("counting")
+    assert set(rows.tolist()) == {r for r, k in zip(plain_rows.tolist(), plain) if k != "single"}
+    with pytest.raises(ConfigError, match="train.repeat_kinds: unknown scene kind 'relations'"):
+        config_for(tiny_cache, tmp_path, train={"repeat_kinds": {"relations": 2}})
+
+
 @pytest.mark.slow
 def test_ray_train_runs_the_lightning_trainer_on_two_workers(tiny_cache, tmp_path, local_ray):
     from train.ray_train import run_ray_train

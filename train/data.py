@@ -17,6 +17,7 @@ fork-safe (docs/FACTS.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -112,6 +113,20 @@ class CachedBatches(Dataset):
         return batch
 
 
+def repeat_kinds(rows: np.ndarray, reader: CacheReader, repeats: dict[str, int]) -> np.ndarray:
+    """`rows` with each shapes-world row of a kind in `repeats` listed that many times (0 drops
+    it): an epoch then holds each such scene as often, so the mix of kinds a run trains on
+    changes while every batch stays a function of (seed, step)."""
+    if not repeats:
+        return rows
+    if reader.meta["source"]["kind"] != "shapes":
+        raise ValueError(f"train.repeat_kinds needs a shapes cache (scene kinds); this one is "
+                         f"{reader.meta['source']['kind']!r}")
+    truth = reader.column("truth")
+    times = np.array([repeats.get(json.loads(truth[r])["kind"], 1) for r in rows])  # [len(rows)]
+    return np.repeat(rows, times)
+
+
 class CacheDataModule(L.LightningDataModule):
     def __init__(self, config: Config):
         super().__init__()
@@ -126,6 +141,7 @@ class CacheDataModule(L.LightningDataModule):
         split = self.reader.column("split")
         bucket = self.reader.column("bucket")
         train = np.flatnonzero((split == "train") & ~np.isnan(bucket.astype(float)))
+        train = repeat_kinds(train, self.reader, self.config.train.repeat_kinds)
         self.buckets = {int(b): train[bucket[train] == b] for b in np.unique(bucket[train])}
 
     def train_dataloader(self) -> DataLoader:
