@@ -13,8 +13,8 @@ captions' text features are the cache's own (`make embed` wrote them with the sa
 encoder that `make sample` runs), so no LLM is loaded and `make eval` runs wherever training
 runs, with or without the LLM packages.
 Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, failures.json
-(why the model's images failed, per category), images.npz (the model's images and captions,
-to re-score or inspect without sampling again), grid.png (the first 32 generated images) and
+(why the model's images failed, per category), images.npz (the model's images, captions,
+ground-truth scenes and world, to re-score or inspect without the cache or sampling again), grid.png (the first 32 generated images) and
 grid_captions.txt to <run>/eval.
 """
 
@@ -35,7 +35,7 @@ from embed.codecs import CodecError
 from embed.encoder import EncoderError
 from sample.generate import SampleError, generate, image_grid, load_codec, resolve_precision
 from sample.layouts import save_png
-from sample.shapeeval import BIAS_EDGES, CATEGORIES, positional_bias, score_scene, shapeeval
+from sample.shapeeval import BIAS_EDGES, CATEGORIES, detect_objects, positional_bias, score_scene, shapeeval
 from sample.text import CachedText, PromptFeatureError
 from store.config import Config, ConfigError, load_config
 from store.reader import CacheError, CacheReader
@@ -91,16 +91,28 @@ def comparison_table(scores: dict, biases: dict) -> str:
     return "\n".join(lines)
 
 
-# Why an image failed, first reason that applies: a mention with no object of its colour and
-# shape, then a wrong count, then a wrong named size, then a stated relation that does not hold
-# (split by what holds instead between the named objects: the opposite relation, one on the
-# other axis, or neither).
-FAILURES = ("missing", "count", "size", "relation reversed", "relation other axis", "relation unclear")
+# Why an image failed, the first reason that applies. A named object is missing: its colour is
+# nowhere among the detected shapes ("no such colour"), or it is, but only with the shape another
+# mention names ("another mention's shape": the shapes of the prompt bound to the wrong colours)
+# or with a shape no mention names ("wrong shape"). Then a wrong count, a wrong named size, and a
+# stated relation that does not hold, split by what holds instead between the named objects: the
+# opposite relation, one on the other axis, or neither.
+FAILURES = ("no such colour", "another mention's shape", "wrong shape", "count", "size",
+            "relation reversed", "relation other axis", "relation unclear")
 CATEGORY_OF = {"single": "single_object", "two_objects": "two_objects", "counting": "counting",
                "relation": "position", "attributes": "color_attribution"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 OTHER_AXIS = {"left of": ("above", "below"), "right of": ("above", "below"),
               "above": ("left of", "right of"), "below": ("left of", "right of")}
+
+
+def _missing_reason(mention: dict, scene: dict, objects: list[dict]) -> str:
+    """Why no detected object has the mention's colour and shape."""
+    shapes = {o["shape"] for o in objects if o["color"] == mention["color"]}
+    if not shapes:
+        return "no such colour"
+    named = {m["shape"] for m in scene["mentions"] if m["color"] != mention["color"]}
+    return "another mention's shape" if shapes & named else "wrong shape"
 
 
 def _relation_verdict(rel: str, relation: dict, scene: dict, world: dict, image) -> str:
@@ -129,7 +141,9 @@ def failure_reasons(images, scenes, world: dict) -> dict:
             continue
         entry["failed"] += 1
         if not bound:
-            reason = "missing"
+            objects = [o for o in detect_objects(image, world) if o["shape"] is not None]  # as score_scene
+            first = next(m for m, v in zip(scene["mentions"], mentions) if not v["bound"])
+            reason = _missing_reason(first, scene, objects)
         elif not all(m["count_ok"] for m in mentions):
             reason = "count"
         elif any(m["size_ok"] is False for m in mentions):
@@ -149,7 +163,8 @@ def failure_reasons(images, scenes, world: dict) -> dict:
 
 def failure_table(failures: dict) -> str:
     """Failed images per category and their first reasons, as counts."""
-    short = {"relation reversed": "reversed", "relation other axis": "other axis", "relation unclear": "unclear"}
+    short = {"no such colour": "no colour", "another mention's shape": "its shape", "wrong shape": "bad shape",
+             "relation reversed": "reversed", "relation other axis": "other axis", "relation unclear": "unclear"}
     names = [short.get(r, r) for r in FAILURES]
     lines = [f"{'why images failed':<20}{'failed':>9}" + "".join(f"{n:>11}" for n in names)]
     for category, entry in failures.items():
@@ -241,7 +256,8 @@ def run_eval(config: Config, checkpoint: Path | None = None, out: Path | None = 
     (out / "positional_bias.json").write_text(json.dumps(biases, indent=2))
     (out / "failures.json").write_text(json.dumps(failures, indent=2))
     saved = io.BytesIO()  # through write_bytes, as every file here: `out` may be on object storage
-    np.savez_compressed(saved, images=images["model"], captions=np.array(captions))
+    np.savez_compressed(saved, images=images["model"], captions=np.array(captions),
+                        truth=np.array([json.dumps(scene) for scene in scenes]), world=json.dumps(world))
     (out / "images.npz").write_bytes(saved.getvalue())
     table = comparison_table(scores, biases) + "\n\n" + failure_table(failures)
     (out / "table.txt").write_text(table + "\n")

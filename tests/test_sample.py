@@ -157,9 +157,10 @@ def test_eval_scores_model_floor_and_ceiling_and_the_ceiling_is_perfect(run_conf
     assert sum(entry["images"] for entry in failures.values()) == 6
     with np.load(tmp_path / "images.npz", allow_pickle=False) as saved:  # re-scorable without sampling
         assert saved["images"].shape == (6, 32, 32, 3) and len(saved["captions"]) == 6
-        reader = CacheReader(config.cache_path)
-        _, _, scenes = held_out_rows(reader, load_exported(config.run_path / "checkpoints"), 6)
-        rescored = shapeeval(saved["images"], scenes, reader.meta["source"]["world"])
+        scenes = [json.loads(t) for t in saved["truth"]]
+        rescored = shapeeval(saved["images"], scenes, json.loads(str(saved["world"])))
+    reader = CacheReader(config.cache_path)
+    assert scenes == held_out_rows(reader, load_exported(config.run_path / "checkpoints"), 6)[2]
     assert rescored["overall"] == result["scores"]["model"]["overall"]
 
 
@@ -186,7 +187,19 @@ def test_failure_reasons_name_what_broke_each_image():
     assert all(entry["failed"] == 0 for entry in truth.values())  # the renderings pass
     blank = np.zeros((32, 32, 3), np.uint8)
     empty = failure_reasons([blank] * len(scenes), scenes, world)
-    assert all(entry["failed"] == entry["images"] == entry["reasons"]["missing"] for entry in empty.values())
+    assert all(entry["failed"] == entry["images"] == entry["reasons"]["no such colour"] for entry in empty.values())
+    # Two objects of different shapes drawn with their shapes swapped: each colour carries the
+    # other mention's shape; a single object redrawn as another shape has a wrong shape
+    pairs = [s for s in scenes if s["kind"] == "two_objects" and s["mentions"][0]["shape"] != s["mentions"][1]["shape"]]
+    swapped = [{**s, "objects": [{**o, "shape": s["objects"][1 - i]["shape"]} for i, o in enumerate(s["objects"])]}
+               for s in pairs]
+    assert failure_reasons([render(s) for s in swapped], pairs, world)["two_objects"]["reasons"] == {
+        **dict.fromkeys(FAILURES, 0), "another mention's shape": len(pairs)}
+    singles = [s for s in scenes if s["kind"] == "single"]
+    reshaped = [{**s, "objects": [{**o, "shape": "square" if o["shape"] != "square" else "circle"} for o in s["objects"]]}
+                for s in singles]
+    single = failure_reasons([render(s) for s in reshaped], singles, world)["single_object"]
+    assert single["reasons"]["wrong shape"] == single["failed"] == len(singles)
     # Mirrored left-right, "left of" becomes "right of" and vertical relations still hold
     horizontal = [s for s in scenes if s["kind"] == "relation" and s["relations"][0]["rel"] in ("left of", "right of")]
     vertical = [s for s in scenes if s["kind"] == "relation" and s["relations"][0]["rel"] in ("above", "below")]
