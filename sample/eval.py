@@ -14,8 +14,8 @@ encoder that `make sample` runs), so no LLM is loaded and `make eval` runs where
 runs, with or without the LLM packages.
 Writes shapeeval.json, table.txt, positional_bias.json, positional_bias.png, failures.json
 (why the model's images failed, per category), images.npz (the model's images, captions,
-ground-truth scenes and world, to re-score or inspect without the cache or sampling again), grid.png (the first 32 generated images) and
-grid_captions.txt to <run>/eval.
+ground-truth scenes and world, to re-score or inspect without the cache or sampling again),
+grid.png (the first 32 generated images) and grid_captions.txt to <run>/eval.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def _missing_reason(mention: dict, scene: dict, objects: list[dict]) -> str:
     return "another mention's shape" if shapes & named else "wrong shape"
 
 
-def _relation_verdict(rel: str, relation: dict, scene: dict, world: dict, image) -> str:
-    """Which relation holds instead between the named objects (the scene with `rel` swapped in)."""
+def _relation_verdict(rel: str, relation: dict, scene: dict, world: dict, image) -> bool:
+    """Whether `rel` holds between the objects `relation` names (the scene with `rel` swapped in)."""
     swapped = {**scene, "relations": [{**relation, "rel": rel}]}
     return any(score_scene(image, swapped, world)["relations"])
 
