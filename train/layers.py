@@ -75,6 +75,11 @@ def rope_quarter(head_dim: int) -> int:
     return head_dim // 4
 
 
+def axial_freqs(quarter: int, device=None) -> torch.Tensor:
+    """[quarter] frequencies ROPE_BASE^(-i / quarter), per axis, of rope_2d and sincos_2d."""
+    return ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+
+
 def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial 2-D rotary embedding of an h x w token grid (row-major): (cos, sin), each [h * w, head_dim].
 
@@ -84,7 +89,7 @@ def rope_2d(h: int, w: int, head_dim: int, device=None) -> tuple[torch.Tensor, t
     function of (r - r', c - c') alone: relative position, at any grid size.
     """
     quarter = rope_quarter(head_dim)
-    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # [quarter]
+    freqs = axial_freqs(quarter, device)  # [quarter]
     rows = torch.arange(h, dtype=torch.float32, device=device).repeat_interleave(w)  # [N]
     cols = torch.arange(w, dtype=torch.float32, device=device).repeat(h)  # [N]
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # [N, head_dim / 2]
@@ -106,7 +111,7 @@ def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"abs_pos: model.dim {dim} must be divisible by 4 (sin and cos of rows and columns)")
     quarter = dim // 4
-    freqs = ROPE_BASE ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # [quarter]
+    freqs = axial_freqs(quarter, device)  # [quarter]
     rows = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * SINCOS_GRID
     cols = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w * SINCOS_GRID
     rows, cols = rows.repeat_interleave(w)[:, None] * freqs, cols.repeat(h)[:, None] * freqs  # [N, quarter]

@@ -132,7 +132,8 @@ class LIDiT(nn.Module):
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False, abs_pos: bool = False):
+                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False,
+                 abs_pos: bool = False):
         super().__init__()
         if rope:
             rope_quarter(dim // heads)  # refuse a head width the rotary embedding cannot split, at build time
