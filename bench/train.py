@@ -254,7 +254,9 @@ def lidit_1b_flops() -> dict:
         model = TextToImageModel(**kwargs)
     # Modulation and timestep MLPs run once per sample, not per token: left out (negligible).
     per_sample = {id(p) for m in model.modules() if isinstance(m, (AdaLNZero, TimestepEmbedder))
-                  for p in m.parameters()} | {id(p) for p in model.dit.text_pool.parameters()}
+                  for p in m.parameters()}
+    if model.dit.text_pool is not None:  # model.pooled_text
+        per_sample |= {id(p) for p in model.dit.text_pool.parameters()}
 
     def count(params) -> int:
         return sum(p.numel() for p in params if id(p) not in per_sample)

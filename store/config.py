@@ -126,6 +126,9 @@ class ModelConfig:
     # a fixed 2-D sine-cosine table of each token's place in the image, added before the blocks (DiT's;
     # not in the paper, whose only position signal is the convolutional ResBlock)
     abs_pos: bool = False
+    # LI-DiT's adaLN input: timestep + a Linear of the mean text token (paper), or, false, the
+    # timestep alone, so the text reaches the image only through the cross-attention
+    pooled_text: bool = True
     # what LI-DiT's head outputs (flow only): "velocity" (SD3), or "sample", the clean image x0,
     # turned into the velocity (x_t - x0) / t inside the model, so the loss and the solvers are
     # unchanged (JiT, Li & He 2025: "Back to Basics: Let Denoising Generative Models Denoise")

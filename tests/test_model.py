@@ -101,7 +101,8 @@ def _lidit_outputs(pad: int):
     return dit(x, t, cond, cond_mask)
 
 
-SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True, abs_pos=True)
+SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True, abs_pos=True,
+                pooled_text=False)
 
 
 def _model_outputs(pad: int, **switches):
@@ -346,3 +347,34 @@ def test_abs_pos_tells_each_token_its_place_in_the_image():
         outputs[abs_pos] = dit(x, torch.tensor([500.0]), cond, torch.ones(1, 3, dtype=torch.bool))[0, :, :, :]
     assert outputs[False].std(dim=(1, 2)).max() < 1e-5
     assert outputs[True].std(dim=(1, 2)).max() > 1e-3
+
+
+class _Silent(torch.nn.Module):
+    """An attention that adds nothing: x -> 0."""
+
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_pooled_text_switch_decides_whether_the_caption_reaches_the_modulation(pooled_text):
+    torch.manual_seed(0)
+    dit = _perturb_zero_init(LIDiT(4, 2, DIM, depth=2, heads=HEADS, pooled_text=pooled_text))
+    assert (dit.text_pool is not None) == pooled_text
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    seen = []
+    for block in dit.blocks:
+        block.adaLN.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    captions = torch.randn(2, 1, 3, DIM)
+    dit(x, t, captions[0], mask)
+    t_emb = dit.timestep_embedding(t)
+    if pooled_text:  # the paper: timestep + Linear(mean text token)
+        torch.testing.assert_close(seen[0], t_emb + dit.text_pool(captions[0].mean(dim=1)))
+    else:
+        torch.testing.assert_close(seen[0], t_emb)
+    # with the cross-attention silenced, the caption still moves the image only through the pooled path
+    for block in dit.blocks:
+        block.cross_attn = _Silent()
+    moved = (dit(x, t, captions[0], mask) - dit(x, t, captions[1], mask)).abs().max()
+    assert (moved > 1e-3) if pooled_text else (moved == 0)

@@ -11,6 +11,10 @@ which the convolutions alone give only within their few-token receptive field.
 `abs_pos=True` (config `model.abs_pos`, not in the paper; DiT's own position signal) adds a
 fixed sine-cosine table of each token's place in the image to the tokens before the blocks:
 every token then knows where it is, not only tokens within the convolutions' reach of a border.
+`pooled_text=False` (config `model.pooled_text`, an ablation; the paper has the pooled text)
+modulates with the timestep alone: the text then reaches the image tokens only through the
+cross-attention, where each token picks its own words, instead of also through one mean of the
+caption added to every token's scale and shift.
 """
 
 from __future__ import annotations
@@ -127,13 +131,14 @@ class LIDiT(nn.Module):
     """Diffusion transformer conditioned on a text token sequence (the LLM-infused Diffuser's output).
 
     text_dim: width of the condition tokens (None: dim). The modulation input is
-    c = t_emb + Linear(masked_mean(cond)): timestep and pooled text, as in the paper.
+    c = t_emb + Linear(masked_mean(cond)): timestep and pooled text, as in the paper
+    (pooled_text=False: c = t_emb).
     Owns the TimestepEmbedder; `timestep_embedding(t)` lends it to the refiners.
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False,
-                 abs_pos: bool = False):
+                 abs_pos: bool = False, pooled_text: bool = True):
         super().__init__()
         if rope:
             rope_quarter(dim // heads)  # refuse a head width the rotary embedding cannot split, at build time
@@ -148,7 +153,7 @@ class LIDiT(nn.Module):
         self.x_embedder = PatchEmbed(in_channels, dim, patch)
         self.pos_embed = ConvPositionEmbedding(dim)
         self.t_embedder = TimestepEmbedder(dim)
-        self.text_pool = nn.Linear(text_dim or dim, dim)
+        self.text_pool = nn.Linear(text_dim or dim, dim) if pooled_text else None
         self.blocks = nn.ModuleList([
             LIDiTBlock(dim, heads, mlp_ratio, text_dim=text_dim, backend=backend, mlp_conv=mlp_conv)
             for _ in range(depth)
@@ -179,7 +184,9 @@ class LIDiT(nn.Module):
             x = x + sincos_2d(h, w, x.shape[-1], device=x.device).to(x.dtype)  # [N, D], broadcast over B
         if t_emb is None:
             t_emb = self.timestep_embedding(t)  # [B, D]
-        c = t_emb + self.text_pool(masked_mean(cond, cond_mask))  # [B, D]
+        c = t_emb  # [B, D]
+        if self.text_pool is not None:
+            c = c + self.text_pool(masked_mean(cond, cond_mask))
         rope = rope_2d(h, w, self.head_dim, device=x.device) if self.rope else None  # 2 x [N, Dh]
         for block in self.blocks:
             x = block(x, c, cond, cond_mask, (h, w), rope)  # [B, N, D]

@@ -35,7 +35,7 @@ class TextToImageModel(nn.Module):
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
                  mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity",
-                 abs_pos: bool = False):
+                 abs_pos: bool = False, pooled_text: bool = True):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -43,7 +43,7 @@ class TextToImageModel(nn.Module):
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
         self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
-                         rope=rope, abs_pos=abs_pos)
+                         rope=rope, abs_pos=abs_pos, pooled_text=pooled_text)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -117,4 +117,5 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "rope": model.rope,
         "prediction": model.prediction,
         "abs_pos": model.abs_pos,
+        "pooled_text": model.pooled_text,
     }
