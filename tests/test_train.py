@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 from store.config import Config, ConfigError, build, validate
 from store.reader import CacheError
-from train.run import run_train
+from train.run import check_resumable, run_train
 from train.data import BucketBatchSampler, share
 from train.export import load_exported
 
@@ -89,6 +89,12 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
     with pytest.raises(ConfigError, match=rf"train\.optimizer: '{optimizer}' in the checkpoint, '{other}' now"):
         run_train(switched, progress=False)
     assert last.read_bytes() == before
+    # another batch size resumes (the model and optimizer load), and says the stream changed
+    batch = resumed.train.batch_size
+    step, stream = check_resumable(last, config_for(tiny_cache, tmp_path / "b",
+                                                    train={"optimizer": optimizer, "batch_size": 2 * batch}))
+    assert step == 8 and stream == [f"train.batch_size: {batch} in the checkpoint, {2 * batch} now"]
+    assert check_resumable(last, resumed) == (8, [])
 
 
 def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:

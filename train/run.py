@@ -47,9 +47,14 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     return train_precision(config.train.precision, hardware), hardware
 
 
-def check_resumable(checkpoint: Path | RemotePath, config: Config) -> int:
-    """The step a last.ckpt resumes from; refused, with what differs, if the config no longer
-    builds its model or its optimizer.
+# what decides the stream of batches: a resume with other values works, but no longer
+# reproduces the uninterrupted run (said when it resumes)
+STREAM_KEYS = (("seed",), ("train", "batch_size"), ("train", "repeat_kinds"))
+
+
+def check_resumable(checkpoint: Path | RemotePath, config: Config) -> tuple[int, list[str]]:
+    """The step a last.ckpt resumes from, and what of STREAM_KEYS changed since; refused, with
+    what differs, if the config no longer builds its model or its optimizer.
 
     Otherwise the resume dies deep in load_state_dict with one size mismatch per tensor:
     what a user sees after the default model changed under an old runs/<name>."""
@@ -75,7 +80,14 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> int:
         raise ConfigError(f"cannot resume from {checkpoint}: it was trained with another model or optimizer ("
                           + "; ".join(differ) + "). Train under another name (--set name=...), "
                           "or start over with --fresh (the checkpoint is then overwritten)")
-    return int(whole.get("global_step", 0))
+    stream = []
+    for path in STREAM_KEYS:
+        was, now_value = saved, now
+        for key in path:
+            was, now_value = (was or {}).get(key), now_value[key]
+        if was is not None and was != now_value:  # None: saved before the key existed
+            stream.append(f"{'.'.join(path)}: {was!r} in the checkpoint, {now_value!r} now")
+    return int(whole.get("global_step", 0)), stream
 
 
 class _ResumedMetrics(ExperimentWriter):
@@ -166,7 +178,7 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     L.seed_everything(config.seed, verbose=False)  # the initial weights
     module = LIDiTModule(config.to_dict(), reader.meta)
     resuming = not fresh and resume.is_file()
-    resume_step = check_resumable(resume, config) if resuming else None
+    resume_step, stream_changes = check_resumable(resume, config) if resuming else (None, [])
     trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, resume_step=resume_step,
                            **trainer_overrides)
     if rank_zero_only.rank == 0 and "devices" not in trainer_overrides:
@@ -177,6 +189,9 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
         trainer = prepare(trainer)
     if resuming and rank_zero_only.rank == 0:
         log(f"train: resuming from {resume} (step {resume_step})")
+        if stream_changes:
+            log("train: the batches from here on differ from an uninterrupted run's ("
+                + "; ".join(stream_changes) + ")")
     trainer.fit(module, CacheDataModule(config), ckpt_path=str(resume) if resuming else None,
                 weights_only=True)  # our checkpoints hold tensors and plain types only: no pickle
     # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
