@@ -358,5 +358,10 @@ def test_fixed_draw_loss_reads_either_split_at_the_times_asked(tiny_cache, tmp_p
     assert heldout_loss(config, 8, split="train") != held_out  # other rows
     noisy, clean = heldout_loss(config, 8, times=(0.9,)), heldout_loss(config, 8, times=(0.1,))
     assert noisy != clean and min(noisy, clean) > 0
+    # the unconditional text on the same rows and draws: another number, as fixed
+    null = heldout_loss(config, 8, text="null")
+    assert null != held_out and null == heldout_loss(config, 8, text="null") and null > 0
     with pytest.raises(ValueError, match=r"split='test'; allowed: train, eval"):
         heldout_loss(config, 8, split="test")
+    with pytest.raises(ValueError, match=r"text='empty'; allowed: caption, null"):
+        heldout_loss(config, 8, text="empty")

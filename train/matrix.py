@@ -109,19 +109,23 @@ HELDOUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0, split: str = "eval",
-                 times: tuple[float, ...] = HELDOUT_TIMES) -> float:
+                 times: tuple[float, ...] = HELDOUT_TIMES, text: str = "caption") -> float:
     """The exported EMA model's training loss on the first `rows` held-out rows, at fixed
     times (HELDOUT_TIMES) and fixed noise: the same draws for every recipe and seed, so two
     runs compare without the noise of random timesteps (a low-variance companion to ShapeEval).
 
     split="train": the same measure on the first training rows (the gap to "eval" is the
-    overfitting); `times`: other fixed times t (1 = noise), e.g. one at a time."""
+    overfitting); `times`: other fixed times t (1 = noise), e.g. one at a time; text="null":
+    the rows' own captions replaced by the unconditional text (CFG's other half), on the same
+    draws, so the null loss minus the caption loss is what the caption tells the model."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}; allowed: train, eval")
+    if text not in ("caption", "null"):
+        raise ValueError(f"text={text!r}; allowed: caption, null")
     import numpy as np
     import torch
 
-    from store.reader import CacheReader
+    from store.reader import CacheReader, assemble_text
     from train.export import load_exported
 
     exported = load_exported(config.run_path / "checkpoints", ema=True)
@@ -134,6 +138,8 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0,
         for start in range(0, len(held_out), batch_size):
             batch = reader.take(held_out[start:start + batch_size])
             x0 = batch["latents"]
+            if text == "null":
+                batch["text"] = {n: assemble_text(exported.prefix[n], [exported.null[n]] * len(x0)) for n in names}
             features = [batch["text"][n].states for n in names]
             masks = [batch["text"][n].mask for n in names]
             for t in times:
