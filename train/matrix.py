@@ -125,11 +125,14 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0,
     import numpy as np
     import torch
 
-    from store.reader import CacheReader, assemble_text
+    from sample.text import PromptFeatures
+    from store.reader import CacheReader
     from train.export import load_exported
 
     exported = load_exported(config.run_path / "checkpoints", ema=True)
     names = [e["name"] for e in exported.encoders]
+    unconditional = (PromptFeatures(exported.encoders, exported.prefix, exported.null, load_encoders=False)
+                     if text == "null" else None)
     reader = CacheReader(config.cache_path, encoders=names)
     held_out = np.flatnonzero(reader.column("split") == split)[:rows].tolist()
     generator = torch.Generator().manual_seed(seed)
@@ -138,10 +141,8 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0,
         for start in range(0, len(held_out), batch_size):
             batch = reader.take(held_out[start:start + batch_size])
             x0 = batch["latents"]
-            if text == "null":
-                batch["text"] = {n: assemble_text(exported.prefix[n], [exported.null[n]] * len(x0)) for n in names}
-            features = [batch["text"][n].states for n in names]
-            masks = [batch["text"][n].mask for n in names]
+            texts = unconditional.null(len(x0)) if unconditional else [batch["text"][n] for n in names]
+            features, masks = [f.states for f in texts], [f.mask for f in texts]
             for t in times:
                 noise = torch.randn(x0.shape, generator=generator)
                 x_t, t_net, target = exported.objective.at_times(x0, torch.full((len(x0),), t), noise)
