@@ -18,6 +18,7 @@ would each change.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from typing import Literal
 import yaml
 
 from store.storage import RemotePath, apply_storage, location
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number YAML 1.1 left as a string
 
 PAPER_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -373,6 +376,8 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 4e-3 as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

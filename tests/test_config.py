@@ -64,6 +64,8 @@ def test_override_sets_a_nested_value():
     assert config.model.refiner_depth == 3 and config.encoders[0].layer == -2
     # YAML 1.1 reads a bare `off` as false; the option keeps its name (bench/gpu.py failed on it)
     assert load_config(CONFIGS / "default.yaml", ["train.compile=off"]).train.compile == "off"
+    # and `4e-3` (no dot) as a string: a float key takes it as the number it spells (a GPU run failed on it)
+    assert load_config(CONFIGS / "default.yaml", ["train.lr=4e-3"]).train.lr == 4e-3
 
 
 @pytest.mark.parametrize("override, message", [
@@ -77,6 +79,7 @@ def test_override_sets_a_nested_value():
     ("train.batch_size=0", r"train.batch_size: must be >= 1, got 0"),
     ("train.steps=-1", r"train.steps: must be >= 0, got -1"),  # 0: export the initial weights
     ("train.lr=0", r"train.lr: must be > 0"),
+    ("train.lr=fast", r"train.lr: expected a number, got 'fast'"),
     ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0, 1\)"),
     ("train.logit_std=0", r"train.logit_std: must be > 0, got 0"),
     ("train.adam_beta2=1.0", r"train.adam_beta2: must be in \[0, 1\), got 1.0"),
