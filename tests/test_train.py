@@ -365,3 +365,28 @@ def test_fixed_draw_loss_reads_either_split_at_the_times_asked(tiny_cache, tmp_p
         heldout_loss(config, 8, split="test")
     with pytest.raises(ValueError, match=r"text='empty'; allowed: caption, null"):
         heldout_loss(config, 8, text="empty")
+
+
+def test_relation_gain_reverses_each_relation_on_the_same_draws(tiny_cache, tmp_path, monkeypatch):
+    import train.matrix as matrix
+
+    left = [{"a": 0, "rel": "left of", "b": 1}]
+    assert matrix.reverse_relations("a red square to the left of a blue circle", left) == \
+        "a red square to the right of a blue circle"
+    assert matrix.reverse_relations("a small green circle above a large red square", [{"a": 0, "rel": "above", "b": 1}]) == \
+        "a small green circle below a large red square"
+    with pytest.raises(ValueError, match=r"does not say 'to the left of'"):
+        matrix.reverse_relations("a red square above a blue circle", left)
+
+    config = config_for(tiny_cache, tmp_path, train={"steps": 2})
+    run_train(config, progress=False)
+    result = matrix.relation_gain(config, 48, times=(0.5, 1.0), split="train")
+    assert result["scenes"] > 0 and set(result["gain"]) == {0.5, 1.0}
+    assert all(loss > 0 for loss in result["caption"].values())
+    assert any(gain != 0 for gain in result["gain"].values())  # an untrained model still reads every word
+    # the two captions of a scene meet the same noise: a caption "reversed" into itself gains exactly 0
+    monkeypatch.setattr(matrix, "reverse_relations", lambda caption, relations: caption)
+    same = matrix.relation_gain(config, 48, times=(0.5, 1.0), split="train")
+    assert same["gain"] == {0.5: 0.0, 1.0: 0.0} and same["caption"] == result["caption"]
+    with pytest.raises(ValueError, match=r"none of the first 0 eval scenes has a relation"):
+        matrix.relation_gain(config, 0, times=(0.5,))
