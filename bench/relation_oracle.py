@@ -27,10 +27,8 @@ import numpy as np
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from embed.shapes import PALETTE  # noqa: E402
+from embed.shapes import OPPOSITE, PALETTE  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
-
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ RELATIONS = {  # relation -> its words in a caption
     "above": "above",
     "below": "below",
 }
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}  # each relation turned around
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 
 # Placement: candidate positions drawn at once per object, a few rounds per object, a few

@@ -164,12 +164,11 @@ def _losses_at_times(exported, x0, texts, times, generator) -> list[float]:
 def reverse_relations(caption: str, relations: list[dict]) -> str:
     """The caption with each relation turned around ("to the left of" <-> "to the right of",
     "above" <-> "below"): the same objects, the opposite arrangement."""
-    from embed.shapes import RELATIONS
+    from embed.shapes import OPPOSITE, RELATIONS
 
-    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     reversed_caption = caption
     for relation in relations:
-        words, turned = f" {RELATIONS[relation['rel']]} ", f" {RELATIONS[opposite[relation['rel']]]} "
+        words, turned = f" {RELATIONS[relation['rel']]} ", f" {RELATIONS[OPPOSITE[relation['rel']]]} "
         if words not in reversed_caption:
             raise ValueError(f"caption {caption!r} does not say {words.strip()!r}")
         reversed_caption = reversed_caption.replace(words, turned, 1)
