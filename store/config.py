@@ -145,6 +145,10 @@ class TrainConfig:
     # logit-normal t = sigmoid(mean + std * N(0, 1)), t = 1 is noise: mean > 0 trains more on noisy times
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # flow: this share of the training times redrawn from U(high_t_from, 1), near pure noise
+    # (where the layout is decided); 0: the draws above, unchanged
+    high_t_share: float = 0.0
+    high_t_from: float = 0.9
     schedule: Literal["linear", "cosine"] = "linear"  # eps: the noise schedule (DiT's linear, or cosine)
     steps: int = 3000
     batch_size: int = 32  # the global batch: N processes (train.devices) take batch_size / N rows each
@@ -475,6 +479,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"sample.cfg_interval: expected [low, high] with 0 <= low < high <= 1, got {low_high}")
     if config.train.logit_std <= 0:
         raise ConfigError(f"train.logit_std: must be > 0, got {config.train.logit_std}")
+    if not 0.0 <= config.train.high_t_share <= 1.0:
+        raise ConfigError(f"train.high_t_share: must be in [0, 1], got {config.train.high_t_share}")
+    if not 0.0 <= config.train.high_t_from < 1.0:
+        raise ConfigError(f"train.high_t_from: must be in [0, 1), got {config.train.high_t_from}")
     if not 0.0 <= config.train.adam_beta2 < 1.0:
         raise ConfigError(f"train.adam_beta2: must be in [0, 1), got {config.train.adam_beta2}")
     if config.train.muon_lr is not None and config.train.muon_lr <= 0:

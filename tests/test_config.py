@@ -82,6 +82,9 @@ def test_override_sets_a_nested_value():
     ("train.lr=fast", r"train.lr: expected a number, got 'fast'"),
     ("train.ema_decay=1.0", r"train.ema_decay: must be in \[0, 1\)"),
     ("train.logit_std=0", r"train.logit_std: must be > 0, got 0"),
+    ("train.high_t_share=1.5", r"train.high_t_share: must be in \[0, 1\], got 1.5"),
+    ("train.high_t_from=1.0", r"train.high_t_from: must be in \[0, 1\), got 1.0"),
+    ("train.high_t_share=0.3 train.high_t_from=0.95", None),
     ("train.adam_beta2=1.0", r"train.adam_beta2: must be in \[0, 1\), got 1.0"),
     ("train.adam_beta2=0.95", None),
     ("train.compile=off", None),  # YAML's false, read back as the option it spells

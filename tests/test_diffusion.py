@@ -81,6 +81,21 @@ def test_flow_logit_normal_times_concentrate_in_the_middle():
     assert abs(noisier.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01  # shifted toward noise
 
 
+def test_a_share_of_times_near_pure_noise_replaces_that_share_and_leaves_the_rest():
+    base = make_objective("flow", logit_mean=0.8, logit_std=0.8)
+    t = base.sample_time(20000, "cpu", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(make_objective("flow", logit_mean=0.8, logit_std=0.8, high_t_share=0.0)
+                               .sample_time(20000, "cpu", torch.Generator().manual_seed(0)), t)  # 0: unchanged
+    mixed = make_objective("flow", logit_mean=0.8, logit_std=0.8, high_t_share=0.3, high_t_from=0.95)
+    m = mixed.sample_time(20000, "cpu", torch.Generator().manual_seed(0))
+    kept = m == t  # the draws not replaced are the base's own
+    assert abs((~kept).float().mean().item() - 0.3) < 0.015 and (m[~kept] >= 0.95).all() and (m < 1).all()
+    base_high = (t >= 0.95).float().mean().item()  # about 1% at (0.8, 0.8)
+    assert abs((m >= 0.95).float().mean().item() - (0.3 + 0.7 * base_high)) < 0.015
+    with pytest.raises(ValueError, match=r"high_t_share must be in \[0, 1\]"):
+        make_objective("flow", high_t_share=1.5)
+
+
 def test_loss_is_fp32_mean_squared_error():
     objective = make_objective("flow")
     prediction, target = torch.ones(SHAPE, dtype=torch.bfloat16), torch.zeros(SHAPE)
@@ -189,6 +204,8 @@ def test_eps_solvers_call_the_network_once_per_step_from_pure_noise_to_step_0(sc
     (["train.time_sampling=uniform"], "time_sampling", "uniform"),
     (["train.logit_mean=0.5"], "logit_mean", 0.5),
     (["train.logit_std=0.7"], "logit_std", 0.7),
+    (["train.high_t_share=0.25"], "high_t_share", 0.25),
+    (["train.high_t_from=0.8"], "high_t_from", 0.8),
 ])
 def test_objective_options_are_reachable_from_the_config(override, attribute, value):
     from pathlib import Path

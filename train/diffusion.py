@@ -118,6 +118,8 @@ class FlowObjective(Objective):
     time_sampling: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    high_t_share: float = 0.0  # this share of the draws replaced by t ~ U(high_t_from, 1)
+    high_t_from: float = 0.9
     name: str = field(default="flow", init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +130,9 @@ class FlowObjective(Objective):
             )
         if self.logit_std <= 0:
             raise ValueError(f"flow objective: logit_std must be > 0, got {self.logit_std}")
+        if not 0.0 <= self.high_t_share <= 1.0 or not 0.0 <= self.high_t_from < 1.0:
+            raise ValueError(f"flow objective: high_t_share must be in [0, 1] and high_t_from in [0, 1), "
+                             f"got {self.high_t_share} and {self.high_t_from}")
 
     @staticmethod
     def network_time(t: torch.Tensor) -> torch.Tensor:
@@ -135,11 +140,20 @@ class FlowObjective(Objective):
         return t.float() * NUM_TRAIN_STEPS
 
     def sample_time(self, batch: int, device, generator=None) -> torch.Tensor:
-        """[B] times in (0, 1): logit-normal puts most weight on the middle (SD3, sec. 3.1)."""
+        """[B] times in (0, 1): logit-normal puts most weight on the middle (SD3, sec. 3.1).
+        With high_t_share > 0, that share of them is drawn again from U(high_t_from, 1): the
+        nearly pure noise where a model must place objects from the caption alone, which the
+        logit-normal seldom draws (4% above 0.9 at (0.8, 0.8)). At 0 the draws are unchanged."""
         if self.time_sampling == "uniform":
-            return torch.rand(batch, generator=generator, device=device)
-        normal = torch.randn(batch, generator=generator, device=device)
-        return torch.sigmoid(self.logit_mean + self.logit_std * normal)
+            t = torch.rand(batch, generator=generator, device=device)
+        else:
+            normal = torch.randn(batch, generator=generator, device=device)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * normal)
+        if self.high_t_share > 0:
+            picked = torch.rand(batch, generator=generator, device=device) < self.high_t_share
+            high = self.high_t_from + (1 - self.high_t_from) * torch.rand(batch, generator=generator, device=device)
+            t = torch.where(picked, high, t)
+        return t
 
     def at_times(self, x0, t, noise):
         """Fixed draws: t [B] in (0, 1) and the noise given; as sample_training."""
@@ -171,7 +185,8 @@ def objective_from_config(train) -> Objective:
     """The objective a TrainConfig names, with the option that applies to it."""
     if train.objective == "flow":
         return make_objective("flow", time_sampling=train.time_sampling, logit_mean=train.logit_mean,
-                              logit_std=train.logit_std)
+                              logit_std=train.logit_std, high_t_share=train.high_t_share,
+                              high_t_from=train.high_t_from)
     return make_objective(train.objective, schedule=train.schedule)
 
 
