@@ -133,7 +133,7 @@ def heldout_loss(config: Config, rows: int, batch_size: int = 64, seed: int = 0,
     names = [e["name"] for e in exported.encoders]
     unconditional = (PromptFeatures(exported.encoders, exported.prefix, exported.null, load_encoders=False)
                      if text == "null" else None)
-    reader = CacheReader(config.cache_path, encoders=names)
+    reader = CacheReader(config.cache_path, encoders=[] if unconditional else names)  # null: no text to read
     held_out = np.flatnonzero(reader.column("split") == split)[:rows].tolist()
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -185,6 +185,8 @@ def relation_gain(config: Config, rows: int, times: tuple[float, ...] = HELDOUT_
     above 0: the words steer the layout. Returns {"scenes", "caption": {t: loss},
     "gain": {t: reversed - caption}}. split="train": the same on the first training rows, the
     scenes the model was fitted to."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}; allowed: train, eval")
     import numpy as np
     import torch
 
@@ -193,11 +195,9 @@ def relation_gain(config: Config, rows: int, times: tuple[float, ...] = HELDOUT_
     from train.export import load_exported
 
     exported = load_exported(config.run_path / "checkpoints", ema=True)
-    reader = CacheReader(config.cache_path, encoders=[e["name"] for e in exported.encoders])
+    reader = CacheReader(config.cache_path, encoders=[])  # both captions are encoded afresh: read the images only
     if reader.meta["source"]["kind"] != "shapes":
         raise ValueError(f"relation_gain needs a shapes cache; {config.cache_path} holds {reader.meta['source']['kind']!r}")
-    if split not in ("train", "eval"):
-        raise ValueError(f"split={split!r}; allowed: train, eval")
     held_out = np.flatnonzero(reader.column("split") == split)[:rows].tolist()
     table = reader.dataset.take(held_out, columns=["caption", "truth"])
     scenes = [(row, caption, json.loads(truth)["relations"]) for row, caption, truth
@@ -207,12 +207,12 @@ def relation_gain(config: Config, rows: int, times: tuple[float, ...] = HELDOUT_
         raise ValueError(f"none of the first {rows} {split} scenes has a relation")
     prompts = PromptFeatures(exported.encoders, exported.prefix, exported.null)
     sums = {which: [0.0] * len(times) for which in ("caption", "reversed")}
-    for which, column in (("caption", 1), ("reversed", 2)):
-        generator = torch.Generator().manual_seed(seed)  # the same draws for both captions
-        for start in range(0, len(scenes), batch_size):
-            part = scenes[start:start + batch_size]
-            x0 = reader.take([s[0] for s in part])["latents"]
-            losses = _losses_at_times(exported, x0, prompts.encode([s[column] for s in part]), times, generator)
+    generators = {which: torch.Generator().manual_seed(seed) for which in sums}  # the same draws for both captions
+    for start in range(0, len(scenes), batch_size):
+        part = scenes[start:start + batch_size]
+        x0 = reader.take([s[0] for s in part])["latents"]
+        for which, column in (("caption", 1), ("reversed", 2)):
+            losses = _losses_at_times(exported, x0, prompts.encode([s[column] for s in part]), times, generators[which])
             sums[which] = [total + loss * len(part) for total, loss in zip(sums[which], losses)]
     n = len(scenes)
     return {"scenes": n, "caption": {t: c / n for t, c in zip(times, sums["caption"])},
