@@ -226,6 +226,41 @@ def _layout(rng: np.random.Generator, relations: list[dict], sizes: list[str], h
     raise RuntimeError(f"could not place {len(sizes)} objects in a {height}x{width} image")
 
 
+MIRROR_AXES = ("horizontal", "vertical")  # left-right and top-bottom
+MIRRORED = {  # each axis's mirror turns its own relations around and leaves the others true
+    "horizontal": {rel: OPPOSITE[rel] for rel in ("left of", "right of")},
+    "vertical": {rel: OPPOSITE[rel] for rel in ("above", "below")},
+}
+
+
+def mirror_scene(scene: dict, axis: str) -> dict:
+    """`scene` with its layout mirrored across the image's vertical midline ("horizontal":
+    left and right swap) or horizontal midline ("vertical": top and bottom swap), and its
+    caption told the same way: "a left of b" becomes "a right of b" and "a above b" becomes
+    "a below b"; every other caption stays as it was. The objects are drawn upright again,
+    so a triangle still points up: the mirror of a layout, not of the pixels (for "horizontal"
+    the two are the same image, every shape being symmetric left to right).
+
+    With its mirror, a relation scene has a twin with the same objects and the opposite
+    relation word; without one, a model can fit where each training scene's objects go from
+    their colours and shapes alone and never read the relation (docs/RESULTS.md, session 16).
+    """
+    if axis not in MIRRORED:
+        raise ValueError(f"unknown mirror axis {axis!r}; allowed: {list(MIRROR_AXES)}")
+    height, width = scene["height"], scene["width"]
+    objects = []
+    for obj in scene["objects"]:
+        x0, y0, x1, y1 = obj["box"]
+        box = [width - x1, y0, width - x0, y1] if axis == "horizontal" else [x0, height - y1, x1, height - y0]
+        objects.append({**obj, "box": box})
+    relations = [{**r, "rel": MIRRORED[axis].get(r["rel"], r["rel"])} for r in scene["relations"]]
+    mentions = [dict(m) for m in scene["mentions"]]
+    caption, starts = _caption(scene["kind"], mentions, relations)
+    for mention, start in zip(mentions, starts):
+        mention["word"] = start
+    return {**scene, "caption": caption, "objects": objects, "mentions": mentions, "relations": relations}
+
+
 def make_scene(seed: int, index: int, height: int = 32, width: int = 32) -> dict:
     """The ground truth of scene `index` of the world drawn with `seed` (see module doc)."""
     rng = np.random.default_rng([seed, index])

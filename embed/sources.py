@@ -34,8 +34,11 @@ class SourceError(ValueError):
 def list_items(config: Config) -> list[dict]:
     data = config.data
     if data.source == "shapes":
-        items = [{"id": f"shapes-train-{i:07d}", "split": "train", "scene": [config.seed, i]}
-                 for i in range(data.num_train)]
+        # A scene's mirrors follow it, so equal captions (every mirror but a turned relation's)
+        # meet in one encoder call and are encoded once.
+        items = [{"id": f"shapes-train-{i:07d}" + (f"-{axis}" if axis else ""), "split": "train",
+                  "scene": [config.seed, i], **({"mirror": axis} if axis else {})}
+                 for i in range(data.num_train) for axis in [None, *data.mirror]]
         items += [{"id": f"shapes-eval-{i:07d}", "split": "eval", "scene": [config.seed + EVAL_SEED_OFFSET, i]}
                   for i in range(data.num_eval)]
         return items
@@ -156,9 +159,11 @@ def load_item(item: dict, config: Config) -> dict:
     if "scene" in item:
         seed, index = item["scene"]
         scene = shapes.make_scene(seed, index, config.data.height, config.data.width)
+        if item.get("mirror"):
+            scene = shapes.mirror_scene(scene, item["mirror"])
         out.update(caption=scene["caption"], truth=json.dumps(scene), pixels=shapes.render(scene),
                    bucket=assign_bucket(config.data.height, config.data.width, config.codec.buckets),
-                   source=f"shapes:{seed}:{index}")
+                   source=f"shapes:{seed}:{index}" + (f":{item['mirror']}" if item.get("mirror") else ""))
         return out
     caption, reason = _caption(item, config.data.max_caption_chars)
     out["caption"] = caption

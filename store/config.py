@@ -58,6 +58,10 @@ class DataConfig:
     # caption is cut to this many characters before tokenising, bounding the tokenizer's work
     # and the row's size. The row is kept; the encoders still truncate at max_tokens and flag it.
     max_caption_chars: int | None = None
+    # shapes only: each training scene is also listed mirrored across these axes ("horizontal":
+    # left-right, "vertical": top-bottom), its relation words turned to match (embed/shapes.py:
+    # mirror_scene). A relation scene then has a twin with the opposite relation word.
+    mirror: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -458,6 +462,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.repeat_kinds.{kind}: must be >= 0, got {times}")
     if config.train.repeat_kinds and config.data.source != "shapes":
         raise ConfigError(f"train.repeat_kinds: needs data.source shapes (scene kinds), got {config.data.source!r}")
+    from embed.shapes import MIRROR_AXES
+
+    unknown = [axis for axis in config.data.mirror if axis not in MIRROR_AXES]
+    if unknown or len(set(config.data.mirror)) != len(config.data.mirror):
+        raise ConfigError(f"data.mirror: {config.data.mirror}; allowed: each of {list(MIRROR_AXES)} at most once")
+    if config.data.mirror and config.data.source != "shapes":
+        raise ConfigError(f"data.mirror: needs data.source shapes (a scene to mirror), got {config.data.source!r}")
     if not 0.0 <= config.train.caption_dropout < 1.0:
         raise ConfigError("train.caption_dropout: must be in [0, 1)")
     for key, low in RANGES:

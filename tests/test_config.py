@@ -85,6 +85,10 @@ def test_override_sets_a_nested_value():
     ("train.high_t_share=1.5", r"train.high_t_share: must be in \[0, 1\], got 1.5"),
     ("train.high_t_from=1.0", r"train.high_t_from: must be in \[0, 1\), got 1.0"),
     ("train.high_t_share=0.3 train.high_t_from=0.95", None),
+    ("data.mirror=[diagonal]", r"data.mirror: \['diagonal'\]; allowed: each of \['horizontal', 'vertical'\] at most once"),
+    ("data.mirror=[horizontal,horizontal]", r"data.mirror: .* at most once"),
+    ("data.mirror=[horizontal,vertical]", None),
+    ("data.source=captions data.path=c.txt data.mirror=[vertical]", r"data.mirror: needs data.source shapes"),
     ("train.adam_beta2=1.0", r"train.adam_beta2: must be in \[0, 1\), got 1.0"),
     ("train.adam_beta2=0.95", None),
     ("train.compile=off", None),  # YAML's false, read back as the option it spells

@@ -324,3 +324,30 @@ def test_caption_memo_keeps_the_most_recently_used_captions_within_its_budget():
     assert memo.get("b") is None and all(memo.get(k) is not None for k in "acd")
     memo.put("huge", encoded(10))  # larger than the whole budget: not kept, nothing evicted
     assert memo.get("huge") is None and memo.used <= 100
+
+
+def test_shapes_mirrors_are_embedded_beside_their_scenes_and_only_a_turned_relation_costs_a_forward(
+        tmp_path, llama_dir, local_ray):
+    from embed.shapes import make_scene, mirror_scene
+    from embed.sources import EVAL_SEED_OFFSET
+
+    config = make_config(raw_config(tmp_path, llama_dir, source="shapes",
+                                    data={"num_train": 30, "num_eval": 4, "mirror": ["horizontal", "vertical"]}))
+    summary = run_embed(config, progress=False)
+    assert summary.written == 30 * 3 + 4 and summary.rejected == 0
+    scenes = [make_scene(config.seed, i) for i in range(30)]
+    turned = sum(mirror_scene(s, axis)["caption"] != s["caption"] for s in scenes for axis in ("horizontal", "vertical"))
+    held_out = {make_scene(config.seed + EVAL_SEED_OFFSET, i)["caption"] for i in range(4)}
+    assert turned > 0
+    assert summary.encoded == len({s["caption"] for s in scenes}) + turned + len(held_out - {s["caption"] for s in scenes})
+    reader = CacheReader(config.cache_path)
+    ids = reader.column("id").tolist()
+    assert ids.count("shapes-train-0000007-vertical") == 1
+    assert sorted(i for i in ids if i.startswith("shapes-eval")) == [f"shapes-eval-{i:07d}" for i in range(4)]  # never mirrored
+    for i, scene in enumerate(scenes):
+        rows = [ids.index(f"shapes-train-{i:07d}" + suffix) for suffix in ("", "-horizontal", "-vertical")]
+        batch = reader.take(rows)
+        truths = [json.loads(t) for t in reader.dataset.take(rows, columns=["truth"]).column("truth").to_pylist()]
+        assert truths == [scene, mirror_scene(scene, "horizontal"), mirror_scene(scene, "vertical")]
+        assert batch["captions"] == [t["caption"] for t in truths]
+        torch.testing.assert_close(batch["latents"][1], batch["latents"][0].flip(-1))  # left-right, pixel for pixel

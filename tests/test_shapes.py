@@ -15,6 +15,7 @@ from embed.shapes import (
     PALETTE,
     SHAPES,
     make_scene,
+    mirror_scene,
     render,
     world_spec,
 )
@@ -145,3 +146,34 @@ def test_shapes_render_at_larger_resolutions(shape):
     x0, y0, x1, y1 = scene["objects"][0]["box"]
     assert x1 - x0 == world_spec(64, 64)["sizes"][scene["objects"][0]["size"]]
     assert (render(scene)[y0:y1, x0:x1] != BACKGROUND).any(axis=-1).mean() > 0.45
+
+
+@pytest.mark.parametrize("axis", ["horizontal", "vertical"])
+def test_a_mirrored_scene_is_true_of_its_rendering_and_turns_only_its_axiss_relations(axis):
+    from sample.shapeeval import score_scene
+
+    world = world_spec(32, 32)
+    turned = {"horizontal": {"left of": "right of", "right of": "left of"},
+              "vertical": {"above": "below", "below": "above"}}[axis]
+    kept = changed = true = 0
+    for scene in SCENES[:300]:
+        mirrored = mirror_scene(scene, axis)
+        image = render(mirrored)
+        if axis == "horizontal":  # every shape is symmetric left to right: the same as flipping the pixels
+            assert np.array_equal(image, render(scene)[:, ::-1])
+        correct = score_scene(image, mirrored, world)["correct"]  # the scorer's own verdict
+        true += correct
+        rel = scene["relations"][0]["rel"] if scene["relations"] else None
+        if rel in turned:  # the twin: same objects, the opposite word, and the old caption is false of it
+            assert mirrored["relations"][0]["rel"] == turned[rel]
+            assert mirrored["caption"] == scene["caption"].replace(rel.split()[0], turned[rel].split()[0])
+            assert not (correct and score_scene(image, scene, world)["correct"])
+            changed += 1
+        else:  # every other caption is still true, word for word
+            assert mirrored["caption"] == scene["caption"] and mirrored["mentions"] == scene["mentions"]
+            kept += 1
+    assert changed > 20 and kept > 200
+    assert true >= 0.98 * 300  # as for unmirrored ground truth (tests/test_shapeeval.py)
+    assert mirror_scene(mirror_scene(SCENES[5], axis), axis) == SCENES[5]
+    with pytest.raises(ValueError, match="unknown mirror axis 'diagonal'"):
+        mirror_scene(SCENES[5], "diagonal")
