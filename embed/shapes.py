@@ -226,11 +226,11 @@ def _layout(rng: np.random.Generator, relations: list[dict], sizes: list[str], h
     raise RuntimeError(f"could not place {len(sizes)} objects in a {height}x{width} image")
 
 
-MIRROR_AXES = ("horizontal", "vertical")  # left-right and top-bottom
-MIRRORED = {  # each axis's mirror turns its own relations around and leaves the others true
+MIRRORED = {  # each axis's mirror (left-right, top-bottom) turns its own relations around, keeps the others
     "horizontal": {rel: OPPOSITE[rel] for rel in ("left of", "right of")},
     "vertical": {rel: OPPOSITE[rel] for rel in ("above", "below")},
 }
+MIRROR_AXES = tuple(MIRRORED)
 
 
 def mirror_scene(scene: dict, axis: str) -> dict:
@@ -242,8 +242,8 @@ def mirror_scene(scene: dict, axis: str) -> dict:
     the two are the same image, every shape being symmetric left to right).
 
     With its mirror, a relation scene has a twin with the same objects and the opposite
-    relation word; without one, a model can fit where each training scene's objects go from
-    their colours and shapes alone and never read the relation (docs/RESULTS.md, session 16).
+    relation word, so where its objects go cannot be told from their colours and shapes
+    alone (without twins a model fits training layouts that way, docs/RESULTS.md, session 16).
     """
     if axis not in MIRRORED:
         raise ValueError(f"unknown mirror axis {axis!r}; allowed: {list(MIRROR_AXES)}")

@@ -453,7 +453,7 @@ def validate(config: Config) -> None:
             f"sample.solver: {config.sample.solver!r} does not fit train.objective "
             f"{config.train.objective!r}; allowed: {list(allowed)}"
         )
-    from embed.shapes import KIND_PROBABILITIES  # the shapes world's scene kinds (numpy only)
+    from embed.shapes import KIND_PROBABILITIES, MIRROR_AXES  # the shapes world's scene kinds and mirrors (numpy only)
 
     for kind, times in config.train.repeat_kinds.items():
         if kind not in KIND_PROBABILITIES:
@@ -462,8 +462,6 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.repeat_kinds.{kind}: must be >= 0, got {times}")
     if config.train.repeat_kinds and config.data.source != "shapes":
         raise ConfigError(f"train.repeat_kinds: needs data.source shapes (scene kinds), got {config.data.source!r}")
-    from embed.shapes import MIRROR_AXES
-
     unknown = [axis for axis in config.data.mirror if axis not in MIRROR_AXES]
     if unknown or len(set(config.data.mirror)) != len(config.data.mirror):
         raise ConfigError(f"data.mirror: {config.data.mirror}; allowed: each of {list(MIRROR_AXES)} at most once")
