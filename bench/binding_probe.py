@@ -32,13 +32,11 @@ import torch.nn.functional as F
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from embed.shapes import MIRRORED  # noqa: E402
 from store.config import load_config  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
 from train.layers import Attention, Mlp  # noqa: E402
 from train.model import TextToImageModel, build_kwargs  # noqa: E402
-
-HORIZONTAL = ("left of", "right of")
-
 
 class GridReader(nn.Module):
     """One learned query per grid token; cross-attention to the text + FFN, twice; -> [B, C, h, w]."""
@@ -92,19 +90,24 @@ def main() -> None:
     print(f"binding probe: {len(train)} training and {len(held_out)} held-out relation scenes of "
           f"{config.cache_path}; {sum(p.numel() for p in parameters) / 1e6:.2f}M parameters", flush=True)
 
-    def predict_and_target(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(rows) -> tuple[list, torch.Tensor]:
+        """The rows' cached caption states (one TextFeatures per encoder) and pooled images."""
         batch = reader.take([int(r) for r in rows])
-        texts = [batch["text"][name] for name in names]
-        t_emb = torch.zeros(len(rows), model.dim)  # no timestep: the probe has no noise
+        return [batch["text"][name] for name in names], F.avg_pool2d(batch["latents"], model.patch)
+
+    def predict(texts: list) -> torch.Tensor:
+        t_emb = torch.zeros(len(texts[0].states), model.dim)  # no timestep: the probe has no noise
         cond, cond_mask = diffuser([x.states.float() for x in texts], [x.mask for x in texts], t_emb)
-        return probe(cond, cond_mask), F.avg_pool2d(batch["latents"], model.patch)
+        return probe(cond, cond_mask)
+
+    held_out_texts, held_out_target = read(held_out)  # read once, scored at every --every
+    mirrored = torch.stack([y.flip(-1) if relations[r][0]["rel"] in MIRRORED["horizontal"] else y.flip(-2)
+                            for y, r in zip(held_out_target, held_out)])
 
     def held_out_scores() -> tuple[float, float]:
         with torch.no_grad():
-            predicted, target = predict_and_target(held_out)
-        mirrored = torch.stack([y.flip(-1) if relations[r][0]["rel"] in HORIZONTAL else y.flip(-2)
-                                for y, r in zip(target, held_out)])
-        mse = F.mse_loss(predicted, target).item()
+            predicted = predict(held_out_texts)
+        mse = F.mse_loss(predicted, held_out_target).item()
         return mse, F.mse_loss(predicted, mirrored).item() - mse
 
     rng = np.random.default_rng(args.seed)
@@ -118,8 +121,8 @@ def main() -> None:
                   f"({curve[-1]['seconds']:.0f} s)", flush=True)
         if step == args.steps:
             break
-        predicted, target = predict_and_target(rng.choice(train, args.batch, replace=False))
-        loss = F.mse_loss(predicted, target)
+        texts, target = read(rng.choice(train, args.batch, replace=False))
+        loss = F.mse_loss(predict(texts), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

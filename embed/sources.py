@@ -159,11 +159,12 @@ def load_item(item: dict, config: Config) -> dict:
     if "scene" in item:
         seed, index = item["scene"]
         scene = shapes.make_scene(seed, index, config.data.height, config.data.width)
-        if item.get("mirror"):
-            scene = shapes.mirror_scene(scene, item["mirror"])
+        mirror = item.get("mirror")
+        if mirror:
+            scene = shapes.mirror_scene(scene, mirror)
         out.update(caption=scene["caption"], truth=json.dumps(scene), pixels=shapes.render(scene),
                    bucket=assign_bucket(config.data.height, config.data.width, config.codec.buckets),
-                   source=f"shapes:{seed}:{index}" + (f":{item['mirror']}" if item.get("mirror") else ""))
+                   source=f"shapes:{seed}:{index}" + (f":{mirror}" if mirror else ""))
         return out
     caption, reason = _caption(item, config.data.max_caption_chars)
     out["caption"] = caption
