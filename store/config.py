@@ -187,6 +187,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     max_minutes: float | None = None  # stop early (and checkpoint) after this wall time
+    # start from another run's exported EMA weights (its run folder or checkpoints folder, or a
+    # URI): a fine-tune or a curriculum's next stage. Fresh optimizer, schedule and EMA warm-up;
+    # the model must build the same. A run that resumes from its own last.ckpt ignores it
+    init_from: str | None = None
     # every N steps, ShapeEval of the EMA weights on the first `eval_rows` held-out rows of a
     # shapes cache, logged beside the loss (train/progress.py); 0: no scores, curves of the loss only
     eval_every: int = 0

@@ -144,6 +144,34 @@ def test_exported_weights_rebuild_the_model_without_the_cache(tiny_cache, tmp_pa
     assert any(not torch.equal(p, q) for p, q in zip(exported.model.parameters(), live)), "EMA differs from raw"
 
 
+def test_init_from_starts_a_run_from_another_runs_ema_weights_and_refuses_another_model(tiny_cache, tmp_path):
+    first = config_for(tiny_cache, tmp_path / "first", train={"steps": 3})
+    run_train(first, progress=False, log=lambda *_: None)
+    source = load_exported(first.run_path / "checkpoints").model.state_dict()  # its EMA weights
+    # an lr so small that one step leaves the weights where they started
+    still = {"steps": 1, "lr": 1e-12, "warmup_steps": 1}
+    lines = []
+    second = config_for(tiny_cache, tmp_path / "second", train={**still, "init_from": str(first.run_path)})
+    run_train(second, progress=False, log=lines.append)
+    assert any("starting from the EMA weights in" in line and "its step 3" in line for line in lines), lines
+    fresh = config_for(tiny_cache, tmp_path / "fresh", train=still)
+    run_train(fresh, progress=False, log=lambda *_: None)
+    for config, same in ((second, True), (fresh, False)):
+        for ema in (True, False):  # the trained weights and their EMA both start there
+            weights = load_exported(config.run_path / "checkpoints", ema=ema).model.state_dict()
+            gap = max((weights[k] - source[k]).abs().max().item() for k in source)
+            assert (gap < 1e-6) == same, (config.run_dir, ema, gap)
+
+    deeper = config_for(tiny_cache, tmp_path / "deeper", model={"depth": first.model.depth + 1},
+                        train={"steps": 1, "init_from": str(first.run_path / "checkpoints")})
+    with pytest.raises(ConfigError, match=rf"train.init_from: .*\(depth: {first.model.depth} there, "
+                                          rf"{first.model.depth + 1} here\)"):
+        run_train(deeper, progress=False, log=lambda *_: None)
+    nowhere = config_for(tiny_cache, tmp_path / "nowhere", train={"steps": 1, "init_from": str(tmp_path / "no-run")})
+    with pytest.raises(ConfigError, match="train.init_from: no exported model in .*no-run"):
+        run_train(nowhere, progress=False, log=lambda *_: None)
+
+
 def test_a_cache_built_with_another_layer_is_refused(tiny_cache, tmp_path):
     raw = copy.deepcopy(tiny_cache)
     raw["encoders"][0]["layer"] = -2

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from store.config import Config, config_from_dict
+from store.config import Config, ConfigError, config_from_dict
 from store.reader import CacheReader
 from store.storage import RemotePath, location, write_atomic
 from train.diffusion import Objective, objective_from_config
@@ -48,6 +48,40 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
             "encoders": module.encoder_names, "step": step, "runtime": runtime or {}}
     write_atomic(out / "model.json", json.dumps(info, indent=2).encode())
     return out
+
+
+def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, int]:
+    """Load another run's exported EMA weights into `module`'s trained model and its EMA
+    (train.init_from): the next stage of a curriculum, or a fine-tune. `source` is that
+    run's folder or its checkpoints folder, local or a URI. Refused, naming what differs,
+    unless the exported model builds exactly as `module`'s and reads the same encoders
+    (name, path, layer): another layer's features would load without an error and mean
+    nothing to the weights. Returns the folder read and the step it was exported at."""
+    folder = location(source)
+    if not (folder / "model.json").is_file() and (folder / "checkpoints" / "model.json").is_file():
+        folder = folder / "checkpoints"
+    if not (folder / "model.json").is_file():
+        raise ConfigError(f"train.init_from: no exported model in {folder} (model.json missing)")
+    info = json.loads((folder / "model.json").read_text())
+    saved = {"collab_condition": "mean", **info["build"]}  # as load_exported rebuilds it
+    now = json.loads(json.dumps(module.kwargs))  # tuples as lists, as model.json holds them
+    differ = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} here"
+              for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+    def encoders(config: dict, names: list[str]) -> list:
+        by_name = {e["name"]: e for e in config["encoders"]}
+        return [(n, by_name[n]["path"], by_name[n]["layer"]) for n in names]
+
+    there, here = encoders(info["config"], info["encoders"]), encoders(module.config.to_dict(), module.encoder_names)
+    if there != here:
+        differ.append(f"encoders: {there} there, {here} here")
+    if differ:
+        raise ConfigError(f"train.init_from: the model in {folder} is not this config's model ("
+                          + "; ".join(differ) + ")")
+    weights = load((folder / "ema.safetensors").read_bytes())
+    for net in (module.model, module.ema):
+        net.load_state_dict(weights, strict=True)
+    return folder, int(info["step"])
 
 
 @dataclass

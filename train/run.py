@@ -27,7 +27,7 @@ from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
 from train.data import CacheDataModule
-from train.export import export
+from train.export import export, init_from_exported
 from train.module import LIDiTModule
 from train.progress import TrainingProgress
 
@@ -179,6 +179,11 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     module = LIDiTModule(config.to_dict(), reader.meta)
     resuming = not fresh and resume.is_file()
     resume_step, stream_changes = check_resumable(resume, config) if resuming else (None, [])
+    if config.train.init_from and not resuming:
+        source, step = init_from_exported(module, config.train.init_from)
+        if rank_zero_only.rank == 0:
+            log(f"train: starting from the EMA weights in {source} (its step {step}); "
+                "a fresh optimizer, schedule and EMA warm-up")
     trainer = make_trainer(config, checkpoint_dir, progress, reader=reader, resume_step=resume_step,
                            **trainer_overrides)
     if rank_zero_only.rank == 0 and "devices" not in trainer_overrides:
@@ -188,7 +193,8 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     if prepare is not None:
         trainer = prepare(trainer)
     if resuming and rank_zero_only.rank == 0:
-        log(f"train: resuming from {resume} (step {resume_step})")
+        log(f"train: resuming from {resume} (step {resume_step})"
+            + (f"; train.init_from ({config.train.init_from}) is not read again" if config.train.init_from else ""))
         if stream_changes:
             log("train: the batches from here on differ from an uninterrupted run's ("
                 + "; ".join(stream_changes) + ")")
