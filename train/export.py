@@ -9,6 +9,7 @@ Sampling loads these and never needs the cache, the Lightning checkpoint or pick
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,11 @@ def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, i
     if not (folder / "model.json").is_file():
         raise ConfigError(f"train.init_from: no exported model in {folder} (model.json missing)")
     info = json.loads((folder / "model.json").read_text())
-    saved = {"collab_condition": "mean", **info["build"]}  # as load_exported rebuilds it
+    # a key the export lacks is a switch added since: the model's default, as load_exported
+    # rebuilds it (collab_condition excepted: "mean" before the switch existed)
+    defaults = {k: p.default for k, p in inspect.signature(TextToImageModel).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    saved = {**defaults, "collab_condition": "mean", **info["build"]}
     now = json.loads(json.dumps(module.kwargs))  # tuples as lists, as model.json holds them
     differ = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} here"
               for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
