@@ -530,3 +530,11 @@ def config_from_dict(raw: dict) -> Config:
     config = build(Config, raw, "")
     validate(config)
     return config
+
+
+def encoder_features(raw: dict, names: list[str] | None = None) -> list[tuple]:
+    """What makes the features of a config's encoders (a `Config.to_dict()` output): (name,
+    path, layer) of each of `names`, or of every encoder in order. Weights trained on one
+    list mean nothing read from another, though they load without an error."""
+    by_name = {e["name"]: e for e in raw.get("encoders", [])}
+    return [(n, by_name[n]["path"], by_name[n]["layer"]) for n in (list(by_name) if names is None else names)]

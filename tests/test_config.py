@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from store.config import PAPER_INSTRUCTION, ConfigError, config_from_dict, load_config
+from store.config import PAPER_INSTRUCTION, ConfigError, config_from_dict, encoder_features, load_config
 from train.model import build_kwargs, count_parameters
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -136,3 +136,11 @@ def test_a_config_rebuilt_from_a_checkpoint_is_validated():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_encoder_features_are_each_named_encoders_path_and_layer_in_the_order_asked():
+    raw = load_config(CONFIGS / "default.yaml").to_dict()
+    assert encoder_features(raw) == [("smollm2", "embedded:smollm2", -3), ("minilm", "embedded:minilm", -1)]
+    assert encoder_features(raw, ["minilm"]) == [("minilm", "embedded:minilm", -1)]
+    penultimate = load_config(CONFIGS / "default.yaml", ["encoders.0.layer=-2"]).to_dict()
+    assert encoder_features(penultimate) != encoder_features(raw)  # what init_from and resume refuse

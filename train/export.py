@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from store.config import Config, ConfigError, config_from_dict
+from store.config import Config, ConfigError, config_from_dict, encoder_features
 from store.reader import CacheReader
 from store.storage import RemotePath, location, write_atomic
 from train.diffusion import Objective, objective_from_config
@@ -51,6 +51,15 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
     return out
 
 
+def build_args(info: dict) -> dict:
+    """An exported model's build arguments (model.json's "build", JSON types). A key the
+    export lacks is a switch added since, set as the model was built before it existed: the
+    model's default, except collab_condition, which was the mean."""
+    defaults = {k: p.default for k, p in inspect.signature(TextToImageModel).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, "collab_condition": "mean", **info["build"]}
+
+
 def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, int]:
     """Load another run's exported EMA weights into `module`'s trained model and its EMA
     (train.init_from): the next stage of a curriculum, or a fine-tune. `source` is that
@@ -64,20 +73,12 @@ def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, i
     if not (folder / "model.json").is_file():
         raise ConfigError(f"train.init_from: no exported model in {folder} (model.json missing)")
     info = json.loads((folder / "model.json").read_text())
-    # a key the export lacks is a switch added since: the model's default, as load_exported
-    # rebuilds it (collab_condition excepted: "mean" before the switch existed)
-    defaults = {k: p.default for k, p in inspect.signature(TextToImageModel).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    saved = {**defaults, "collab_condition": "mean", **info["build"]}
+    saved = build_args(info)
     now = json.loads(json.dumps(module.kwargs))  # tuples as lists, as model.json holds them
     differ = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} here"
               for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-
-    def encoders(config: dict, names: list[str]) -> list:
-        by_name = {e["name"]: e for e in config["encoders"]}
-        return [(n, by_name[n]["path"], by_name[n]["layer"]) for n in names]
-
-    there, here = encoders(info["config"], info["encoders"]), encoders(module.config.to_dict(), module.encoder_names)
+    there = encoder_features(info["config"], info["encoders"])
+    here = encoder_features(module.config.to_dict(), module.encoder_names)
     if there != here:
         differ.append(f"encoders: {there} there, {here} here")
     if differ:
@@ -106,10 +107,9 @@ def load_exported(checkpoint_dir: str | Path, ema: bool = True) -> Exported:
     if not (folder / "model.json").is_file():
         raise ExportError(f"no exported model in {folder} (model.json missing); run `make train` first")
     info = json.loads((folder / "model.json").read_text())
-    build_args = dict(info["build"])
-    build_args["encoders"] = [tuple(e) for e in build_args["encoders"]]
-    build_args.setdefault("collab_condition", "mean")  # models exported before the switch used the mean
-    model = TextToImageModel(**build_args)
+    args = build_args(info)
+    args["encoders"] = [tuple(e) for e in args["encoders"]]
+    model = TextToImageModel(**args)
     weights = load((folder / ("ema.safetensors" if ema else "model.safetensors")).read_bytes())
     model.load_state_dict(weights, strict=True)
     model.eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from store.config import Config, ConfigError
+from store.config import Config, ConfigError, encoder_features
 from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
@@ -67,12 +67,8 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> tuple[int,
     # keys the checkpoint lacks are switches added since, whose defaults build the old model
     differ = [f"model.{k}: {v!r} in the checkpoint, {now['model'][k]!r} now"
               for k, v in saved.get("model", {}).items() if k in now["model"] and now["model"][k] != v]
-
-    def encoders(c: dict) -> list:
-        return [(e["name"], e["path"], e["layer"]) for e in c.get("encoders", [])]
-
-    if "encoders" in saved and encoders(saved) != encoders(now):
-        differ.append(f"encoders: {encoders(saved)} in the checkpoint, {encoders(now)} now")
+    if "encoders" in saved and encoder_features(saved) != encoder_features(now):
+        differ.append(f"encoders: {encoder_features(saved)} in the checkpoint, {encoder_features(now)} now")
     optimizer = saved.get("train", {}).get("optimizer", "adamw")  # AdamW before the switch existed
     if optimizer != now["train"]["optimizer"]:  # its state would not load into the other optimizer
         differ.append(f"train.optimizer: {optimizer!r} in the checkpoint, {now['train']['optimizer']!r} now")
