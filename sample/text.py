@@ -50,8 +50,7 @@ class PromptFeatures:
         return features
 
     def null(self, batch: int) -> list[TextFeatures]:
-        """The unconditional text (prefix + empty-caption states) for `batch` rows, per encoder."""
-        return [assemble_text(self.prefix[n], [self.null_states[n]] * batch) for n in self.names]
+        return null_text(self.prefix, self.null_states, self.names, batch)
 
 
 class CachedText:
@@ -77,8 +76,14 @@ class CachedText:
             out.append(TextFeatures(f.states[index, :longest], mask[:, :longest], f.prefix_len))
         return out
 
-    def null(self, batch: int) -> list:
-        return [assemble_text(self.reader.prefix[n], [self.reader.null[n]] * batch) for n in self.names]
+    def null(self, batch: int) -> list[TextFeatures]:
+        return null_text(self.reader.prefix, self.reader.null, self.names, batch)
+
+
+def null_text(prefix: dict[str, torch.Tensor], null: dict[str, torch.Tensor], names: list[str],
+              batch: int) -> list[TextFeatures]:
+    """The unconditional text (prefix + empty-caption states) for `batch` rows, per encoder."""
+    return [assemble_text(prefix[n], [null[n]] * batch) for n in names]
 
 
 def _pad_to(features: TextFeatures, length: int) -> TextFeatures:
