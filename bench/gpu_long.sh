@@ -1,39 +1,19 @@
 #!/usr/bin/env bash
-# The long recipe (configs/long.yaml: RoPE, lr 1e-3 cosine, 12,000 steps) on one GPU at 1x, 4x
-# and 8x its samples (batch 16, 64, 128), the three side by side on the same device, each
-# scored during training (all 512 held-out prompts every 3,000 steps, 20 Heun steps, as
-# `make eval`) and then by `python -m sample.eval`. Each run's logs, eval/ and the training and
-# eval output are packed into OUT/<name>.tgz. docs/RESULTS.md's "On a GPU" came from it.
+# The long recipe (configs/long.yaml) on one GPU at 1x, 4x and 8x its samples (batch 16, 64,
+# 128), the three side by side on the same device through bench/gpu_runs.sh, each scored at
+# its end on all 512 held-out prompts (20 Heun steps, what `make eval` computes) and every
+# 3,000 steps on the way. docs/RESULTS.md's "On a GPU" (session 7) came from it, when it ran
+# `python -m sample.eval` after each training instead of the end-of-run score.
 #
-#   bash bench/gpu_long.sh OUT [MAX_MINUTES] [extra --set flags for every run...]
+#   bash bench/gpu_long.sh OUT [MAX_MINUTES] [KEY=VALUE overrides for every run...]
 #
 # MAX_MINUTES (default 6) caps each training (train.max_minutes): a capped run stops partway
-# down its cosine and says so in its log. Needs the default cache (`make embed`). PY picks the
-# interpreter (default python3); EVAL_ARGS adds flags to the evaluation (e.g. "--limit 16").
+# down its cosine and says so in its log. Needs the default cache (`make embed`). Precision is
+# the config's (`auto`), as session 7 ran it; OUT/summary.txt and OUT/runs.tgz as gpu_runs.sh.
 set -u
-OUT=${1:?usage: bash bench/gpu_long.sh OUT [MAX_MINUTES] [--set KEY=VALUE ...]}
+OUT=${1:?usage: bash bench/gpu_long.sh OUT [MAX_MINUTES] [KEY=VALUE ...]}
 MINUTES=${2:-6}
 shift $(( $# >= 2 ? 2 : 1 ))
-PY=${PY:-python3}
-mkdir -p "$OUT"
-
-run() {  # name, then --set flags of that run
-  local name=$1
-  shift
-  local started=$SECONDS dir=runs/$name
-  mkdir -p "$dir"
-  $PY -m train --config configs/long.yaml --set name="$name" --set train.max_minutes="$MINUTES" \
-    --set train.num_workers=3 --set train.eval_rows=512 --set train.eval_steps=20 --set train.eval_every=3000 \
-    "$@" > "$dir/train.log" 2>&1
-  echo "$name: train exited $? after $(( SECONDS - started )) s" | tee -a "$OUT/summary.txt"
-  $PY -m sample.eval --config configs/long.yaml --set name="$name" ${EVAL_ARGS:-} > "$dir/eval.log" 2>&1
-  echo "$name: eval exited $? after $(( SECONDS - started )) s" | tee -a "$OUT/summary.txt"
-  tail -12 "$dir/eval.log" >> "$OUT/summary.txt"
-  tar czf "$OUT/$name.tgz" -C "$dir" train.log eval.log eval logs checkpoints/model.json 2>> "$OUT/summary.txt"
-}
-
-run gpu-b16 "$@" &
-run gpu-b64 --set train.batch_size=64 "$@" &
-run gpu-b128 --set train.batch_size=128 "$@" &
-wait
-echo "bench/gpu_long.sh: done in $SECONDS s; results in $OUT" | tee -a "$OUT/summary.txt"
+export COMMON=${COMMON:-train.num_workers=3 train.eval_rows=512 train.eval_steps=20 train.eval_every=3000}
+exec bash "$(dirname "$0")/gpu_runs.sh" "$OUT" "$MINUTES" "gpu-b16 configs/long.yaml $*" \
+  "gpu-b64 configs/long.yaml train.batch_size=64 $*" "gpu-b128 configs/long.yaml train.batch_size=128 $*"
