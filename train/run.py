@@ -67,8 +67,9 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> tuple[int,
     # keys the checkpoint lacks are switches added since, whose defaults build the old model
     differ = [f"model.{k}: {v!r} in the checkpoint, {now['model'][k]!r} now"
               for k, v in saved.get("model", {}).items() if k in now["model"] and now["model"][k] != v]
-    if "encoders" in saved and encoder_features(saved) != encoder_features(now):
-        differ.append(f"encoders: {encoder_features(saved)} in the checkpoint, {encoder_features(now)} now")
+    there, here = encoder_features(saved), encoder_features(now)
+    if "encoders" in saved and there != here:
+        differ.append(f"encoders: {there} in the checkpoint, {here} now")
     optimizer = saved.get("train", {}).get("optimizer", "adamw")  # AdamW before the switch existed
     if optimizer != now["train"]["optimizer"]:  # its state would not load into the other optimizer
         differ.append(f"train.optimizer: {optimizer!r} in the checkpoint, {now['train']['optimizer']!r} now")
