@@ -75,8 +75,8 @@ bench: install
 	$(PY) bench/threads.py
 
 # The relation curriculum (configs/relation/, docs/RESULTS.md sessions 18-19): the mirrored cache,
-# four trainings each starting from the one before, then ShapeEval of the last. 422k samples:
-# about 3 hours on a 2-core AVX2 CPU, minutes on a GPU.
+# four trainings each starting from the one before, then ShapeEval of the last. 614k samples:
+# about 4 hours on a 2-core AVX2 CPU, minutes on a GPU.
 RELATION := configs/relation
 relation: install
 	$(PY) -m embed --config $(RELATION)/relation-1-read.yaml
