@@ -74,7 +74,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/threads.py
 
-# The relation curriculum (configs/relation/, docs/RESULTS.md sessions 18-19): the mirrored cache,
+# The relation curriculum (configs/relation/, docs/RESULTS.md sessions 18-20): the mirrored cache,
 # four trainings each starting from the one before, then ShapeEval of the last. 614k samples:
 # about 4 hours on a 2-core AVX2 CPU, minutes on a GPU.
 RELATION := configs/relation
