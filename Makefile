@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install install-vllm install-ablations embed embed-submit train sample eval demo test bench recipes relation ablations clean
+.PHONY: install install-vllm install-ablations embed embed-submit train sample eval demo test bench recipes long ablations clean
 
 # Creates .venv once and installs the project and the embedded default models.
 # torch is pinned (pyproject.toml) so pip never pulls a CUDA build here.
@@ -74,17 +74,14 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/threads.py
 
-# The relation curriculum (configs/relation/, docs/RESULTS.md sessions 18-20): the mirrored cache,
-# four trainings each starting from the one before, then ShapeEval of the last. 614k samples:
-# about 4 hours on a 2-core AVX2 CPU, minutes on a GPU.
-RELATION := configs/relation
-relation: install
-	$(PY) -m embed --config $(RELATION)/relation-1-read.yaml
-	$(PY) -m train --config $(RELATION)/relation-1-read.yaml $(ARGS)
-	$(PY) -m train --config $(RELATION)/relation-2-keep.yaml $(ARGS)
-	$(PY) -m train --config $(RELATION)/relation-3-draw.yaml $(ARGS)
-	$(PY) -m train --config $(RELATION)/relation-4-polish.yaml $(ARGS)
-	$(PY) -m sample.eval --config $(RELATION)/relation-4-polish.yaml
+# The long recipe (configs/long.yaml, docs/RESULTS.md sessions 18-21): the relation curriculum,
+# four trainings each starting from the one before (train.stages; a rerun skips the finished
+# ones), on the default cache extended with mirrored scenes, then ShapeEval of the last. 614k
+# samples: about 4 hours on a 2-core AVX2 CPU, minutes on a GPU.
+long: install
+	$(PY) -m embed --config configs/long.yaml
+	$(PY) -m train --config configs/long.yaml $(ARGS)
+	$(PY) -m sample.eval --config configs/long.yaml
 
 # The recipe study of docs/RESULTS.md: one change at a time against the default.
 recipes: install

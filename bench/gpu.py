@@ -14,7 +14,7 @@ Everything runs in one process, side by side, so the ratios compare like with li
      With `--compile off reduce-overhead`, part 3 runs each setting eager and compiled
      (`train.compile`; the compile happens in the untimed warm-up steps, so give it enough).
 
-    python bench/gpu.py [--config configs/long.yaml] [--batches 16 64 128] [--steps 60] [--parts 1 2 3]
+    python bench/gpu.py [--config configs/long-plain.yaml] [--batches 16 64 128] [--steps 60] [--parts 1 2 3]
                         [--compile off reduce-overhead] [--json]
 
 It needs a CUDA device and the config's cache (`make embed`). No test runs it.
@@ -106,7 +106,7 @@ def sdpa_backends(batch: int, heads: int, head_dim: int, grid: int, text: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/long.yaml")
+    parser.add_argument("--config", default="configs/long-plain.yaml")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--precisions", nargs="+", default=["bf16-mixed", "32-true"])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per setting")

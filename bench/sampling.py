@@ -8,7 +8,7 @@ code (sample/eval.py: `run_eval`, the scorer unchanged), its files written to
 left out (`make eval` gives them). A setting's seconds include loading its weights and
 prompt encoders (a few seconds).
 
-    python bench/sampling.py --config configs/long.yaml [--limit 512] \
+    python bench/sampling.py --config configs/long-plain.yaml [--limit 512] \
         [--cfg 3 2 4.5] [--cfg-interval 0,1 0.1,0.9] [--steps 20 40] [--solver heun] [--weights ema raw] [--json]
 
 Every combination of the listed values is scored; the first value of each list is the

@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -196,6 +196,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_rows: int = 32
     eval_steps: int = 10  # sampling steps of those evaluations (the solver and CFG are sample's)
+    # a curriculum in one config: trainings run in order, each a `name` and the train keys it
+    # changes from the stage before (stage_configs); [] : one training
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -504,6 +507,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.muon_momentum: must be in [0, 1), got {config.train.muon_momentum}")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
+    stage_configs(config)  # each stage builds and validates as a config of its own
 
 
 # (key, lowest allowed value): the plain numeric ranges
@@ -523,6 +527,51 @@ def _dotted(config: Config, key: str):
     for part in key.split("."):
         value = getattr(value, part)
     return value
+
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def stage_configs(config: Config) -> list[Config]:
+    """The trainings of a curriculum (`train.stages`), in order, each a whole config; a config
+    without stages is its own one training.
+
+    A stage is a `name` and the train keys it changes: stage 1 changes the config's `train`,
+    every later stage the stage before's (mappings such as repeat_kinds merge key by key, as
+    with `base:`). Each stage starts from the EMA weights of the stage before (the first from
+    `train.init_from`, if set) unless it names its own `init_from`, with a fresh optimizer,
+    schedule and EMA warm-up. Every stage but the last trains in <run>/stages/<i>-<name>; the
+    last in the run folder itself, where `sample` and `eval` read a run's weights."""
+    if not config.train.stages:
+        return [config]
+    whole = dataclasses.asdict(config)
+    train = {key: value for key, value in whole["train"].items() if key != "stages"}
+    configs: list[Config] = []
+    names: list[str] = []
+    for i, stage in enumerate(config.train.stages, 1):
+        where = f"train.stages[{i - 1}]"
+        stage = dict(stage)
+        name = stage.pop("name", None)
+        if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.name: required, a folder name (letters, digits, _ . -), got {name!r}")
+        if name in names:
+            raise ConfigError(f"{where}.name: {name!r} names an earlier stage too; stage names must be unique")
+        names.append(name)
+        if "stages" in stage:
+            raise ConfigError(f"{where}: a stage cannot have stages of its own")
+        before = whole["train"]["init_from"] if i == 1 else str(configs[-1].run_path)
+        init_from = stage.pop("init_from", before)  # never inherited: each stage says where it starts
+        train = _merge(train, stage)
+        raw = {**whole, "train": {**train, "init_from": init_from}}
+        last = i == len(config.train.stages)
+        raw["run_dir"] = str(config.run_path) if last else str(config.run_path / "stages" / f"{i}-{name}")
+        try:
+            built = build(Config, raw, "")
+            validate(built)
+        except ConfigError as err:
+            raise ConfigError(f"{where} ({name}): {err}") from None
+        configs.append(built)
+    return configs
 
 
 def config_from_dict(raw: dict) -> Config:

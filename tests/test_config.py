@@ -144,3 +144,63 @@ def test_encoder_features_are_each_named_encoders_path_and_layer_in_the_order_as
     assert encoder_features(raw, ["minilm"]) == [("minilm", "embedded:minilm", -1)]
     penultimate = load_config(CONFIGS / "default.yaml", ["encoders.0.layer=-2"]).to_dict()
     assert encoder_features(penultimate) != encoder_features(raw)  # what init_from and resume refuse
+
+
+def write_curriculum(tmp_path, stages, **train) -> Path:
+    import yaml
+
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump({"base": str(CONFIGS / "default.yaml"), "name": "cur",
+                                    "run_dir": str(tmp_path / "cur"), "train": {**train, "stages": stages}}))
+    return path
+
+
+def test_stages_chain_their_folders_and_weights_and_each_changes_only_what_it_names(tmp_path):
+    from store.config import stage_configs
+
+    path = write_curriculum(tmp_path, [
+        {"name": "read", "steps": 10, "repeat_kinds": {"single": 0, "relation": 2}, "high_t_share": 1.0},
+        {"name": "keep", "repeat_kinds": {"single": 1}, "init_from": str(tmp_path / "elsewhere")},
+        {"name": "draw", "steps": 30, "lr": 1e-4}], batch_size=8, init_from=str(tmp_path / "start"))
+    config = load_config(path)
+    read, keep, draw = stage_configs(config)
+    assert [s.run_dir for s in (read, keep, draw)] == [
+        str(tmp_path / "cur" / "stages" / "1-read"), str(tmp_path / "cur" / "stages" / "2-keep"), str(tmp_path / "cur")]
+    # the first starts where the config says, a stage's own init_from is not inherited, and
+    # otherwise each starts from the stage before
+    assert [s.train.init_from for s in (read, keep, draw)] == [
+        str(tmp_path / "start"), str(tmp_path / "elsewhere"), str(tmp_path / "cur" / "stages" / "2-keep")]
+    assert [s.train.steps for s in (read, keep, draw)] == [10, 10, 30]
+    assert keep.train.repeat_kinds == {"single": 1, "relation": 2}  # merged key by key
+    assert [s.train.high_t_share for s in (read, keep, draw)] == [1.0, 1.0, 1.0]
+    assert [s.train.lr for s in (read, keep, draw)] == [config.train.lr, config.train.lr, 1e-4]
+    assert all(s.train.batch_size == 8 and s.train.stages == [] for s in (read, keep, draw))
+    assert stage_configs(read) == [read]  # a config without stages is its one training
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"steps": 5}], r"train.stages\[0\].name: required"),
+    ([{"name": "a/b"}], r"train.stages\[0\].name: required, a folder name"),
+    ([{"name": "a"}, {"name": "a"}], r"train.stages\[1\].name: 'a' names an earlier stage too"),
+    ([{"name": "a"}, {"name": "b", "bach_size": 4}], r"train.stages\[1\] \(b\): train: unknown key\(s\) \['bach_size'\]"),
+    ([{"name": "a", "batch_size": 0}], r"train.stages\[0\] \(a\): train.batch_size"),
+    ([{"name": "a", "stages": [{"name": "b"}]}], r"train.stages\[0\]: a stage cannot have stages"),
+])
+def test_a_wrong_stage_is_refused_naming_the_stage_and_the_key(tmp_path, stages, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_curriculum(tmp_path, stages))
+
+
+def test_the_long_recipe_is_the_relation_curriculum_as_measured():
+    """configs/long.yaml's stages, flattened, are the four stage configs of sessions 18-20
+    (ck-pol-b128: 0.810): the numbers it cites were measured with these values."""
+    from store.config import stage_configs
+
+    read, keep, draw, polish = stage_configs(load_config(CONFIGS / "long.yaml"))
+    assert [(s.train.steps, s.train.batch_size) for s in (read, keep, draw, polish)] == [
+        (1850, 32), (1850, 32), (7500, 32), (2000, 128)]
+    assert sum(s.train.steps * s.train.batch_size for s in (read, keep, draw, polish)) == 614_400
+    assert [s.train.high_t_share for s in (read, keep, draw, polish)] == [1.0, 0.5, 0.5, 0.25]
+    assert read.train.repeat_kinds == {"single": 0, "two_objects": 0, "counting": 0, "attributes": 0}
+    assert polish.train.repeat_kinds == {"single": 1, "two_objects": 1, "counting": 1, "attributes": 1, "relation": 3}
+    assert read.data.mirror == ["horizontal", "vertical"] and polish.run_dir == "runs/long"

@@ -167,7 +167,9 @@ def _matrix(tmp_path: Path, tiny_cache: dict) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "tiny", "base": str(base), "out": str(tmp_path / "out"), "seeds": [0], "jobs": 2, "eval_rows": 4,
         "set": {"train.steps": 3}, "recipes": {"llm-alone": {"model.encoders": ["llm"], "model.refiner_depth": 0},
-                                              "both": {}}}, sort_keys=False))  # the file's recipe order
+                                              # a curriculum: its first stage in a process of its own
+                                              "both": {"train.stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 3}]}}},
+                             sort_keys=False))  # the file's recipe order
     return path
 
 
@@ -180,6 +182,8 @@ def test_matrix_trains_scores_resumes_and_reports(tiny_cache, tmp_path, capsys):
     for record in records:
         assert set(record["categories"]) and len(record["bias_bins"]) == 4 and record["ceiling"] == 1.0
         assert 0 < record["heldout_loss"] < 10
+    assert [(r["stage"], r["samples"]) for r in records[1]["earlier_stages"]] == [("a", 2 * tiny_cache["train"]["batch_size"])]
+    assert (tmp_path / "out" / "both-s0" / "stages" / "1-a" / "checkpoints" / "model.json").is_file()
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == records
     first = (tmp_path / "out" / "both-s0" / "result.json").stat().st_mtime
     assert run_matrix(load_matrix(path), str(path)) == records  # finished runs are skipped

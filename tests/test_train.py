@@ -418,3 +418,45 @@ def test_relation_gain_reverses_each_relation_on_the_same_draws(tiny_cache, tmp_
     assert same["gain"] == {0.5: 0.0, 1.0: 0.0} and same["caption"] == result["caption"]
     with pytest.raises(ValueError, match=r"none of the first 0 eval scenes has a relation"):
         matrix.relation_gain(config, 0, times=(0.5,))
+
+
+@pytest.mark.slow
+def test_a_curriculum_trains_its_stages_in_order_each_from_the_last_and_skips_the_done_ones(tiny_cache, tmp_path):
+    """`python -m train` on a config with train.stages: each stage in its own folder, from the
+    EMA weights of the stage before, the last in the run folder; a rerun skips what is done,
+    and a done stage trained with another recipe is refused, naming what differs."""
+    from train.curriculum import pick_stage, run_curriculum, stage_done
+    from store.config import load_config, stage_configs
+
+    root = Path(__file__).resolve().parents[1]
+    config = config_for(tiny_cache, tmp_path, train={"batch_size": 4, "stages": [
+        {"name": "first", "steps": 3, "lr": 1e-3}, {"name": "second", "steps": 2, "batch_size": 8}]})
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    done = subprocess.run([sys.executable, "-m", "train", "--config", str(path)], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = stage_configs(config)
+    assert "stage 1/2 (first): 3 steps of 4 (12 samples)" in done.stdout, done.stdout
+    assert f"starting from the EMA weights in {first.run_path / 'checkpoints'} (its step 3)" in done.stdout
+    assert "train: curriculum of 2 stages, 28 samples in all; 2 trained here" in done.stdout
+    assert load_exported(first.run_path / "checkpoints").step == 3
+    last = load_exported(config.run_path / "checkpoints")
+    assert last.step == 2 and last.config.train.init_from == str(first.run_path)
+    assert last.config.train.batch_size == 8 and last.config.train.lr == 1e-3  # changed / carried on
+    assert config.train.batch_size == 4
+
+    lines = []
+    records = run_curriculum(path, ["train.max_minutes=30"], log=lines.append)  # how it runs: still done
+    assert [r["seconds"] for r in records] == [None, None] and len(lines) == 2 and "skipped" in lines[0]
+    # stage 2 sets its own batch: another batch in stage 1 changes stage 1's recipe alone
+    changed = stage_configs(load_config(path, ["train.stages.0.batch_size=8"]))
+    with pytest.raises(ConfigError, match=r"holds a finished training of another recipe \(train.batch_size: 4 there, "
+                                          r"8 here\)\. .*retrain it with `--stage 1 --fresh`"):
+        stage_done(changed[0], "stage 1", 1)
+    run_train(changed[0], fresh=True, progress=False, log=lambda *_: None)  # what `--stage 1 --fresh` runs
+    assert stage_done(changed[0]) == (3, False)
+    assert stage_done(changed[1]) == (2, True)  # done, but from weights that have changed since: stale
+    assert pick_stage(config, "second") == pick_stage(config, "2") == 1
+    with pytest.raises(ConfigError, match="no such stage; the stages are 1 first, 2 second"):
+        pick_stage(config, "3")

@@ -9,6 +9,7 @@ Sampling loads these and never needs the cache, the Lightning checkpoint or pick
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -37,16 +38,20 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
     the hardware), recorded as is."""
     out = location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    digests = {}
     for name, net in (("model", module.model), ("ema", module.ema)):
         state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-        write_atomic(out / f"{name}.safetensors", save(state))
+        data = save(state)
+        digests[name] = hashlib.sha256(data).hexdigest()
+        write_atomic(out / f"{name}.safetensors", data)
     constants = {}
     for name in module.encoder_names:
         constants[f"{name}.prefix_states"] = reader.prefix[name].contiguous()
         constants[f"{name}.null_states"] = reader.null[name].contiguous()
     write_atomic(out / "text_constants.safetensors", save(constants))
     info = {"build": module.kwargs, "config": module.config.to_dict(), "cache_meta": reader.meta,
-            "encoders": module.encoder_names, "step": step, "runtime": runtime or {}}
+            "encoders": module.encoder_names, "step": step, "runtime": runtime or {},
+            "ema_sha256": digests["ema"]}  # what a later stage started from (train/curriculum.py)
     write_atomic(out / "model.json", json.dumps(info, indent=2).encode())
     return out
 
@@ -60,6 +65,21 @@ def build_args(info: dict) -> dict:
     return {**defaults, "collab_condition": "mean", **info["build"]}
 
 
+def exported_folder(source: str | Path) -> Path | RemotePath:
+    """Where a run's exported weights are: `source` itself, or its checkpoints folder."""
+    folder = location(source)
+    if not (folder / "model.json").is_file() and (folder / "checkpoints" / "model.json").is_file():
+        folder = folder / "checkpoints"
+    return folder
+
+
+def ema_digest(source: str | Path) -> str | None:
+    """The sha256 of the EMA weights exported in `source` (a run or checkpoints folder), as
+    its model.json records it; None if there is no export or it predates the record."""
+    model_json = exported_folder(source) / "model.json"
+    return json.loads(model_json.read_text()).get("ema_sha256") if model_json.is_file() else None
+
+
 def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, int]:
     """Load another run's exported EMA weights into `module`'s trained model and its EMA
     (train.init_from): the next stage of a curriculum, or a fine-tune. `source` is that
@@ -67,9 +87,7 @@ def init_from_exported(module, source: str | Path) -> tuple[Path | RemotePath, i
     unless the exported model builds exactly as `module`'s and reads the same encoders
     (name, path, layer): another layer's features would load without an error and mean
     nothing to the weights. Returns the folder read and the step it was exported at."""
-    folder = location(source)
-    if not (folder / "model.json").is_file() and (folder / "checkpoints" / "model.json").is_file():
-        folder = folder / "checkpoints"
+    folder = exported_folder(source)
     if not (folder / "model.json").is_file():
         raise ConfigError(f"train.init_from: no exported model in {folder} (model.json missing)")
     info = json.loads((folder / "model.json").read_text())

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from store.config import Config, ConfigError, load_config
+from store.config import Config, ConfigError, load_config, stage_configs
+from train.curriculum import run_curriculum
 
 
 @dataclass
@@ -247,14 +248,20 @@ def run_one(matrix_path: str, recipe: str, seed: int) -> int:
     matrix = load_matrix(matrix_path, only=[recipe], seeds=[seed])
     run = next(r for r in matrix.runs if r.seed == seed)
     config = load_config(run.config, run.overrides)
+    stages = stage_configs(config)
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
     started = time.time()
+    # a curriculum (train.stages): the stages before the last in processes of their own, as
+    # `python -m train` runs them (skipped once done), the last one here, trained and scored
+    earlier = run_curriculum(run.config, run.overrides, last=len(stages) - 1) if len(stages) > 1 else []
     record = {"recipe": run.recipe, "seed": run.seed, "config": run.config, "overrides": run.overrides[:-2],
-              **train_and_score(config, matrix.eval_rows)}
+              **train_and_score(stages[-1], matrix.eval_rows)}
+    if earlier:
+        record["earlier_stages"] = earlier
     record["wall_seconds"] = round(time.time() - started, 1)  # this process: (the rest of) training + scoring
     (config.run_path / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -24,7 +24,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from train.run import run_train
 
     config = config_from_dict(loop_config["config"])
-    run_train(config, progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
+    run_train(config, fresh=loop_config["fresh"], progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
               accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
 
 
@@ -36,13 +36,13 @@ def ray_storage(config) -> str:
     return str(where) if isinstance(where, RemotePath) else str(where.resolve())
 
 
-def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
+def run_ray_train(config, workers: int, gpus: bool, progress: bool = True, fresh: bool = False):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "progress": progress},
+        train_loop_config={"config": config.to_dict(), "progress": progress, "fresh": fresh},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": config.train.num_workers + 1}),
         run_config=RunConfig(name=f"lidit-{config.name}", storage_path=ray_storage(config)),
@@ -53,7 +53,7 @@ def run_ray_train(config, workers: int, gpus: bool, progress: bool = True):
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from store.config import ConfigError, load_config
+    from store.config import ConfigError, load_config, stage_configs
 
     parser = cli.config_parser("python -m train.ray_train", __doc__)
     parser.add_argument("--workers", type=int, default=2)
@@ -68,9 +68,24 @@ def main(argv: list[str] | None = None) -> int:
 
     # Workers on other nodes do not inherit this environment: pass the endpoint and region on.
     ray.init(log_to_driver=True, runtime_env={"env_vars": storage_env()})
-    result = run_ray_train(config, args.workers, args.gpus)
-    print(f"ray train: finished; error: {result.error}; weights in {config.run_path / 'checkpoints'}")
-    return 0 if result.error is None else 1
+    from train.curriculum import stage_done, stage_names
+
+    stages = stage_configs(config)  # a curriculum (train.stages): one Ray Train run per stage
+    for number, (stage, name) in enumerate(zip(stages, stage_names(config) or [config.name]), 1):
+        label = f"stage {number}/{len(stages)} ({name}): " if len(stages) > 1 else ""
+        try:
+            done, stale = stage_done(stage, f"stage {number} ({name})", number) if len(stages) > 1 else (None, False)
+        except ConfigError as err:
+            print(f"train: error: {err}", file=sys.stderr)
+            return 2
+        if done is not None and not stale:
+            print(f"ray train: {label}done before ({done} steps in {stage.run_path}); skipped")
+            continue
+        result = run_ray_train(stage, args.workers, args.gpus, fresh=stale)  # stale: retrained from the start
+        print(f"ray train: {label}finished; error: {result.error}; weights in {stage.run_path / 'checkpoints'}")
+        if result.error is not None:
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

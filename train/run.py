@@ -27,7 +27,7 @@ from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
 from train.data import CacheDataModule
-from train.export import export, init_from_exported
+from train.export import ema_digest, export, init_from_exported
 from train.module import LIDiTModule
 from train.progress import TrainingProgress
 
@@ -201,8 +201,10 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     # every rank must call; rank 0 writes it.
     trainer.save_checkpoint(str(resume), weights_only=False)
     if trainer.global_rank == 0:
-        export(module, reader, checkpoint_dir, trainer.global_step,
-               runtime={"train_precision": precision, "hardware": hardware.describe()})
+        runtime = {"train_precision": precision, "hardware": hardware.describe()}
+        if config.train.init_from:  # which weights it started from: a curriculum's stage after them
+            runtime["init_from_ema_sha256"] = ema_digest(config.train.init_from)  # is stale once they change
+        export(module, reader, checkpoint_dir, trainer.global_step, runtime=runtime)
     progress_callback = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
     losses = trainer.logged_metrics
     return {"rank": trainer.global_rank, "steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
