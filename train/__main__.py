@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="ignore an existing last.ckpt (a curriculum: retrain every stage)")
     parser.add_argument("--stage", metavar="NAME|N",
-                        help="train this one stage of a curriculum (train.stages), from the weights of the stage before")
+                        help="train this one stage of a curriculum (train.stages), from the weights of the "
+                             "stage before")
     args = parser.parse_args(argv)
     cli.quiet_libraries()
     try:

@@ -49,7 +49,8 @@ def recipe_differences(saved: dict, now: dict) -> list[str]:
     """What differs between two `Config.to_dict()`s in what the weights were trained with:
     the seed, the model, the encoders' features and the train keys but HOW_IT_RUNS. A key
     `saved` lacks is a switch added since, not a difference."""
-    differ = [f"seed: {saved['seed']!r} there, {now['seed']!r} here"] if saved.get("seed", now["seed"]) != now["seed"] else []
+    seed = saved.get("seed", now["seed"])
+    differ = [f"seed: {seed!r} there, {now['seed']!r} here"] if seed != now["seed"] else []
     for section in ("model", "train"):
         for key, value in saved.get(section, {}).items():
             if key in now[section] and key not in HOW_IT_RUNS and now[section][key] != value:
@@ -93,8 +94,8 @@ def run_curriculum(config_path: str | Path, overrides: list[str], fresh: bool = 
     for number, (stage, name) in enumerate(zip(stages[:last], names), 1):
         label = f"stage {number}/{len(stages)} ({name})"
         batch, steps = stage.train.batch_size, stage.train.steps
-        record = {"stage": name, "steps": steps, "batch_size": batch, "samples": steps * batch,
-                  "run_dir": str(stage.run_path), "seconds": None}
+        record = {"stage": name, "steps": steps, "of": steps, "batch_size": batch, "samples": steps * batch,
+                  "run_dir": str(stage.run_path), "seconds": None}  # steps: trained; of: asked
         done, stale = (None, False) if fresh else stage_done(stage, label, number)
         if done is not None and not stale:
             log(f"train: {label}: done before ({done} steps in {stage.run_path}); skipped")
@@ -112,6 +113,7 @@ def run_curriculum(config_path: str | Path, overrides: list[str], fresh: bool = 
                               "command to skip them and resume this one from its last.ckpt")
         record["seconds"] = round(time.time() - started, 1)
         reached = json.loads((stage.run_path / "checkpoints" / "model.json").read_text())["step"]
+        record.update(steps=reached, samples=reached * batch)
         if reached < steps:  # its train.max_minutes: what follows builds on a stage cut short
             log(f"train: {label} stopped at step {reached:,} of {steps:,} (train.max_minutes); the next stage "
                 "starts from there, and a rerun finishes it and trains the stages after it again")
@@ -128,8 +130,9 @@ def summary(records: list[dict], final: Config) -> str:
     width = max(len(r["stage"]) for r in records)
     for number, r in enumerate(records, 1):
         took = f"{r['seconds']:7,.0f} s" if r["seconds"] is not None else "   before"
+        short = f" (of {r['of']:,}: train.max_minutes)" if r["steps"] < r["of"] else ""
         lines.append(f"  {number} {r['stage']:<{width}}  {r['steps']:>6,} x {r['batch_size']:<4} "
-                     f"{r['samples']:>9,} samples {took}  {r['run_dir']}")
+                     f"{r['samples']:>9,} samples {took}  {r['run_dir']}{short}")
     lines.append(f"  the last stage's weights are in {final.run_path / 'checkpoints'}: "
                  "`make sample` and `make eval` with this config read them")
     return "\n".join(lines)

@@ -24,8 +24,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from train.run import run_train
 
     config = config_from_dict(loop_config["config"])
-    run_train(config, fresh=loop_config["fresh"], progress=loop_config["progress"], prepare=prepare_trainer, devices="auto",
-              accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
+    run_train(config, fresh=loop_config["fresh"], progress=loop_config["progress"], prepare=prepare_trainer,
+              devices="auto", accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
 
 
 def ray_storage(config) -> str:
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for number, (stage, name) in enumerate(zip(stages, stage_names(config) or [config.name]), 1):
         label = f"stage {number}/{len(stages)} ({name}): " if len(stages) > 1 else ""
         try:
-            done, stale = stage_done(stage, f"stage {number} ({name})", number) if len(stages) > 1 else (None, False)
+            done, stale = (stage_done(stage, f"stage {number} ({name})", number) if len(stages) > 1
+                           else (None, False))
         except ConfigError as err:
             print(f"train: error: {err}", file=sys.stderr)
             return 2
