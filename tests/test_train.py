@@ -243,14 +243,22 @@ def test_repeat_kinds_changes_the_mix_of_scene_kinds_an_epoch_holds(tiny_cache, 
 
 
 @pytest.mark.slow
-def test_ray_train_runs_the_lightning_trainer_on_two_workers(tiny_cache, tmp_path, local_ray):
-    from train.ray_train import run_ray_train
+def test_ray_train_runs_the_lightning_trainer_on_two_workers_stage_by_stage(tiny_cache, tmp_path, local_ray):
+    """A curriculum on Ray Train: one run of two workers per stage, each from the stage
+    before's weights; a rerun skips them."""
+    from train.ray_train import run_ray_stages
 
-    config = config_for(tiny_cache, tmp_path, train={"steps": 4, "accelerator": "cpu"})
-    result = run_ray_train(config, workers=2, gpus=False, progress=False)
-    assert result.error is None
+    config = config_for(tiny_cache, tmp_path, train={"accelerator": "cpu", "stages": [
+        {"name": "first", "steps": 4}, {"name": "second", "steps": 2}]})
+    lines = []
+    assert run_ray_stages(config, workers=2, gpus=False, progress=False, log=lines.append) == 0
+    assert load_exported(config.run_path / "stages" / "1-first" / "checkpoints").step == 4
     exported = load_exported(config.run_path / "checkpoints")
-    assert exported.step == 4
+    assert exported.step == 2 and exported.config.train.init_from == str(config.run_path / "stages" / "1-first")
+    assert [line.split(":")[0] for line in lines] == ["ray train"] * 2 and "error: None" in lines[1]
+    lines.clear()
+    assert run_ray_stages(config, workers=2, gpus=False, progress=False, log=lines.append) == 0
+    assert len(lines) == 2 and all("done before" in line for line in lines), lines
 
 
 def test_caption_dropout_substitutes_the_stored_unconditional_text(tiny_cache, tmp_path):

@@ -8,7 +8,8 @@ Each worker builds the module and data module from the config; the sampler reads
 worker's rank and world size from the trainer, so the ranks read disjoint batches. The
 cache and run_dir must be on storage every worker can reach: an object-store URI
 (s3://...; the workers get this process's endpoint and region, and the keys from their
-own nodes' environment or role) or a shared file system.
+own nodes' environment or role) or a shared file system. A curriculum (train.stages) is
+one Ray Train run per stage, in order, the finished ones skipped (train/curriculum.py).
 """
 
 from __future__ import annotations
@@ -50,10 +51,31 @@ def run_ray_train(config, workers: int, gpus: bool, progress: bool = True, fresh
     return trainer.fit()
 
 
+def run_ray_stages(config, workers: int, gpus: bool, progress: bool = True, log=print) -> int:
+    """Train `config` with Ray Train, a curriculum (train.stages) as one Ray Train run per
+    stage, skipping the finished ones as `python -m train` does (train/curriculum.py). Returns
+    the exit code: 1 if a run failed, what ran before it kept."""
+    from store.config import stage_configs
+    from train.curriculum import stage_done, stage_names
+
+    stages = stage_configs(config)
+    for number, (stage, name) in enumerate(zip(stages, stage_names(config) or [config.name]), 1):
+        label = f"stage {number}/{len(stages)} ({name}): " if len(stages) > 1 else ""
+        done, stale = stage_done(stage, label.rstrip(": "), number) if len(stages) > 1 else (None, False)
+        if done is not None and not stale:
+            log(f"ray train: {label}done before ({done} steps in {stage.run_path}); skipped")
+            continue
+        result = run_ray_train(stage, workers, gpus, progress, fresh=stale)  # stale: retrained from the start
+        log(f"ray train: {label}finished; error: {result.error}; weights in {stage.run_path / 'checkpoints'}")
+        if result.error is not None:
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from store.config import ConfigError, load_config, stage_configs
+    from store.config import ConfigError, load_config
 
     parser = cli.config_parser("python -m train.ray_train", __doc__)
     parser.add_argument("--workers", type=int, default=2)
@@ -68,25 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Workers on other nodes do not inherit this environment: pass the endpoint and region on.
     ray.init(log_to_driver=True, runtime_env={"env_vars": storage_env()})
-    from train.curriculum import stage_done, stage_names
-
-    stages = stage_configs(config)  # a curriculum (train.stages): one Ray Train run per stage
-    for number, (stage, name) in enumerate(zip(stages, stage_names(config) or [config.name]), 1):
-        label = f"stage {number}/{len(stages)} ({name}): " if len(stages) > 1 else ""
-        try:
-            done, stale = (stage_done(stage, f"stage {number} ({name})", number) if len(stages) > 1
-                           else (None, False))
-        except ConfigError as err:
-            print(f"train: error: {err}", file=sys.stderr)
-            return 2
-        if done is not None and not stale:
-            print(f"ray train: {label}done before ({done} steps in {stage.run_path}); skipped")
-            continue
-        result = run_ray_train(stage, args.workers, args.gpus, fresh=stale)  # stale: retrained from the start
-        print(f"ray train: {label}finished; error: {result.error}; weights in {stage.run_path / 'checkpoints'}")
-        if result.error is not None:
-            return 1
-    return 0
+    try:
+        return run_ray_stages(config, args.workers, args.gpus)
+    except ConfigError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
