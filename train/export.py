@@ -38,11 +38,11 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
     the hardware), recorded as is."""
     out = location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    digests = {}
     for name, net in (("model", module.model), ("ema", module.ema)):
         state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
         data = save(state)
-        digests[name] = hashlib.sha256(data).hexdigest()
+        if name == "ema":
+            ema_sha256 = hashlib.sha256(data).hexdigest()
         write_atomic(out / f"{name}.safetensors", data)
     constants = {}
     for name in module.encoder_names:
@@ -51,7 +51,7 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
     write_atomic(out / "text_constants.safetensors", save(constants))
     info = {"build": module.kwargs, "config": module.config.to_dict(), "cache_meta": reader.meta,
             "encoders": module.encoder_names, "step": step, "runtime": runtime or {},
-            "ema_sha256": digests["ema"]}  # what a later stage started from (train/curriculum.py)
+            "ema_sha256": ema_sha256}  # what a later stage started from (train/curriculum.py)
     write_atomic(out / "model.json", json.dumps(info, indent=2).encode())
     return out
 
