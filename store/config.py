@@ -133,6 +133,9 @@ class ModelConfig:
     # a fixed 2-D sine-cosine table of each token's place in the image, added before the blocks (DiT's;
     # not in the paper, whose only position signal is the convolutional ResBlock)
     abs_pos: bool = False
+    # the position ResBlock's two 3x3 convs: "dense" (paper) or "separable" (depthwise 3x3 + 1x1, a ninth
+    # of their cost; not in the paper)
+    pos_conv: Literal["dense", "separable"] = "dense"
     # LI-DiT's adaLN input: timestep + a Linear of the mean text token (paper), or, false, the
     # timestep alone, so the text reaches the image only through the cross-attention
     pooled_text: bool = True
@@ -587,3 +590,17 @@ def encoder_features(raw: dict, names: list[str] | None = None) -> list[tuple]:
     list mean nothing read from another, though they load without an error."""
     by_name = {e["name"]: e for e in raw.get("encoders", [])}
     return [(n, by_name[n]["path"], by_name[n]["layer"]) for n in (list(by_name) if names is None else names)]
+
+
+def config_differences(saved: dict, now: dict, sections: tuple[str, ...] = ("model",), skip=frozenset(),
+                       places: tuple[str, str] = ("there", "here")) -> list[str]:
+    """What differs between two `Config.to_dict()`s in the keys of `sections` but `skip`, and in
+    the encoders' features, each said as "key: saved-value PLACE, now-value PLACE". A key `saved`
+    lacks is a switch added since, whose default builds what it was trained with: no difference."""
+    was, is_ = places
+    differ = [f"{section}.{key}: {value!r} {was}, {now[section][key]!r} {is_}"
+              for section in sections for key, value in saved.get(section, {}).items()
+              if key in now[section] and key not in skip and now[section][key] != value]
+    if "encoders" in saved and encoder_features(saved) != encoder_features(now):
+        differ.append(f"encoders: {encoder_features(saved)} {was}, {encoder_features(now)} {is_}")
+    return differ

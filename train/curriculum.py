@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from store.config import Config, ConfigError, encoder_features, load_config, stage_configs
+from store.config import Config, ConfigError, config_differences, load_config, stage_configs
 
 # train keys that say how a stage runs, not what it trains: a done stage is still done
 # after they change (its weights are what the recipe asks for)
@@ -51,13 +51,7 @@ def recipe_differences(saved: dict, now: dict) -> list[str]:
     `saved` lacks is a switch added since, not a difference."""
     seed = saved.get("seed", now["seed"])
     differ = [f"seed: {seed!r} there, {now['seed']!r} here"] if seed != now["seed"] else []
-    for section in ("model", "train"):
-        for key, value in saved.get(section, {}).items():
-            if key in now[section] and key not in HOW_IT_RUNS and now[section][key] != value:
-                differ.append(f"{section}.{key}: {value!r} there, {now[section][key]!r} here")
-    if encoder_features(saved) != encoder_features(now):
-        differ.append(f"encoders: {encoder_features(saved)} there, {encoder_features(now)} here")
-    return differ
+    return differ + config_differences(saved, now, ("model", "train"), skip=HOW_IT_RUNS)
 
 
 def stage_done(stage: Config, label: str = "this stage", number: int | None = None) -> tuple[int | None, bool]:
@@ -83,20 +77,27 @@ def stage_done(stage: Config, label: str = "this stage", number: int | None = No
     return int(info["step"]), started is not None and now is not None and started != now
 
 
+def stage_plan(config: Config, fresh: bool = False, last: int | None = None):
+    """Yield (number, name, label, stage config, done, stale) for each stage of `config` up to
+    number `last` (default: all), label as "stage 2/4 (keep)", done and stale as `stage_done` says
+    (None, False with `fresh`). Lazy on purpose: a stage is judged only once the stages before
+    it have trained, so that one retrained makes the next one stale."""
+    stages = stage_configs(config)
+    for number, (stage, name) in enumerate(zip(stages[:last], stage_names(config)), 1):
+        label = f"stage {number}/{len(stages)} ({name})"
+        yield (number, name, label, stage, *((None, False) if fresh else stage_done(stage, label, number)))
+
+
 def run_curriculum(config_path: str | Path, overrides: list[str], fresh: bool = False, last: int | None = None,
                    log=print) -> list[dict]:
     """Train the stages of the config at `config_path` (with `overrides`) in order, up to stage
     number `last` (default: all), skipping the done ones (all are retrained with `fresh`).
     Returns a record per stage; a stage that fails raises ConfigError, what ran before kept."""
-    config = load_config(config_path, overrides)
-    stages, names = stage_configs(config), stage_names(config)
     records = []
-    for number, (stage, name) in enumerate(zip(stages[:last], names), 1):
-        label = f"stage {number}/{len(stages)} ({name})"
+    for number, name, label, stage, done, stale in stage_plan(load_config(config_path, overrides), fresh, last):
         batch, steps = stage.train.batch_size, stage.train.steps
         record = {"stage": name, "steps": steps, "of": steps, "batch_size": batch, "samples": steps * batch,
                   "run_dir": str(stage.run_path), "seconds": None}  # steps: trained; of: asked
-        done, stale = (None, False) if fresh else stage_done(stage, label, number)
         if done is not None and not stale:
             log(f"train: {label}: done before ({done} steps in {stage.run_path}); skipped")
             records.append(record)

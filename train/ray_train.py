@@ -56,17 +56,18 @@ def run_ray_stages(config, workers: int, gpus: bool, progress: bool = True, log=
     stage, skipping the finished ones as `python -m train` does (train/curriculum.py). Returns
     the exit code: 1 if a run failed, what ran before it kept."""
     from store.config import stage_configs
-    from train.curriculum import stage_done, stage_names
+    from train.curriculum import stage_plan
 
-    stages = stage_configs(config)
-    for number, (stage, name) in enumerate(zip(stages, stage_names(config) or [config.name]), 1):
-        label = f"stage {number}/{len(stages)} ({name}): " if len(stages) > 1 else ""
-        done, stale = stage_done(stage, label.rstrip(": "), number) if len(stages) > 1 else (None, False)
+    if len(stages := stage_configs(config)) == 1:  # one training, resumed if interrupted
+        result = run_ray_train(stages[0], workers, gpus, progress)
+        log(f"ray train: finished; error: {result.error}; weights in {stages[0].run_path / 'checkpoints'}")
+        return 0 if result.error is None else 1
+    for _, _, label, stage, done, stale in stage_plan(config):
         if done is not None and not stale:
-            log(f"ray train: {label}done before ({done} steps in {stage.run_path}); skipped")
+            log(f"ray train: {label}: done before ({done} steps in {stage.run_path}); skipped")
             continue
         result = run_ray_train(stage, workers, gpus, progress, fresh=stale)  # stale: retrained from the start
-        log(f"ray train: {label}finished; error: {result.error}; weights in {stage.run_path / 'checkpoints'}")
+        log(f"ray train: {label}: finished; error: {result.error}; weights in {stage.run_path / 'checkpoints'}")
         if result.error is not None:
             return 1
     return 0

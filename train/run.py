@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from store.config import Config, ConfigError, encoder_features
+from store.config import Config, ConfigError, config_differences
 from store.hardware import Hardware, detect, train_precision, train_processes
 from store.reader import CacheReader
 from store.storage import RemotePath
@@ -64,12 +64,7 @@ def check_resumable(checkpoint: Path | RemotePath, config: Config) -> tuple[int,
     whole = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(checkpoint, Path))
     saved = whole.get("hyper_parameters", {}).get("config", {})
     now = config.to_dict()
-    # keys the checkpoint lacks are switches added since, whose defaults build the old model
-    differ = [f"model.{k}: {v!r} in the checkpoint, {now['model'][k]!r} now"
-              for k, v in saved.get("model", {}).items() if k in now["model"] and now["model"][k] != v]
-    there, here = encoder_features(saved), encoder_features(now)
-    if "encoders" in saved and there != here:
-        differ.append(f"encoders: {there} in the checkpoint, {here} now")
+    differ = config_differences(saved, now, ("model",), places=("in the checkpoint", "now"))
     optimizer = saved.get("train", {}).get("optimizer", "adamw")  # AdamW before the switch existed
     if optimizer != now["train"]["optimizer"]:  # its state would not load into the other optimizer
         differ.append(f"train.optimizer: {optimizer!r} in the checkpoint, {now['train']['optimizer']!r} now")
