@@ -12,7 +12,8 @@ real cached batches, as a bare loop, against one lever at a time:
   - the head's other prediction (`model.prediction`: velocity against sample);
 and then, since the bare loop runs fp32 whatever the CPU, the Lightning step (what `make
 train` runs, at the precision `auto` resolves to) against itself with one lever at a time:
-batch 16 and 64, and each fixed precision (32-true, bf16-mixed).
+batch 16 and 64, each fixed precision (32-true, bf16-mixed), and the position ResBlock's
+depthwise-separable convolutions (`model.pos_conv: separable`).
 Each variant runs `--steps` timed steps after `--warmup` untimed ones, in its own spawned
 process (so one variant's threads or compiled code cannot leak into the next). A discarded
 first run warms the page cache; the reference is timed first and again last.
@@ -177,7 +178,8 @@ def lightning_part(args, results: dict) -> None:
             ("batch 16", "batch_16", ("train.batch_size=16",)),
             ("batch 64", "batch_64", ("train.batch_size=64",)),
             ("train.precision: 32-true", "fp32", ("train.precision=32-true",)),
-            ("train.precision: bf16-mixed", "bf16", ("train.precision=bf16-mixed",))):
+            ("train.precision: bf16-mixed", "bf16", ("train.precision=bf16-mixed",)),
+            ("model.pos_conv: separable", "pos_separable", ("model.pos_conv=separable",))):
         if key == "bf16" and "bf16" not in auto:
             print(f"{label:<44} skipped: no native bf16 here (bench/train.py part 5 times it)")
             continue

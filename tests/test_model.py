@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.layers import Attention, Mlp, apply_rope, masked_mean, rope_2d, sincos_2d
-from train.lidit import LIDiT
+from train.lidit import ConvPositionEmbedding, LIDiT
 from train.model import TextToImageModel
 from train.refiner import (
     CollaborativeRefiner,
@@ -102,7 +102,7 @@ def _lidit_outputs(pad: int):
 
 
 SWITCHES = dict(feature_norm="rms", collab_condition="mean", mlp_conv=True, rope=True, abs_pos=True,
-                pooled_text=False)
+                pooled_text=False, pos_conv="separable")
 
 
 def _model_outputs(pad: int, **switches):
@@ -347,6 +347,25 @@ def test_abs_pos_tells_each_token_its_place_in_the_image():
         outputs[abs_pos] = dit(x, torch.tensor([500.0]), cond, torch.ones(1, 3, dtype=torch.bool))[0, :, :, :]
     assert outputs[False].std(dim=(1, 2)).max() < 1e-5
     assert outputs[True].std(dim=(1, 2)).max() > 1e-3
+
+
+@pytest.mark.parametrize("conv", ["dense", "separable"])
+def test_position_resblock_starts_as_identity_and_reaches_two_tokens_from_a_border(conv):
+    block = ConvPositionEmbedding(DIM, conv)
+    x = torch.randn(1, DIM, 7, 7)
+    assert torch.equal(block(x), x)  # the residual branch's last layer is zero at init
+    _perturb_zero_init(block)
+    delta = (block(torch.ones(1, DIM, 7, 7)) - 1).std(dim=1)[0]  # [7, 7]: how much each token moved
+    # a constant grid is told apart only through the zero padding: two 3x3 convs reach 2 tokens in
+    inner = delta[2:5, 2:5]
+    assert (inner - inner[1, 1]).abs().max() < 1e-5  # every token out of reach moves alike
+    assert (delta[0] - delta[3, 3]).abs().min() > 1e-4  # every border token differs from the centre
+    if conv == "separable":  # the MobileNet factorisation: depthwise 3x3 then pointwise 1x1
+        assert block.conv1[0].groups == DIM and block.conv1[1].kernel_size == (1, 1)
+        params = sum(p.numel() for p in block.parameters())
+        assert params < sum(p.numel() for p in ConvPositionEmbedding(DIM).parameters()) / 4
+    with pytest.raises(ValueError, match="allowed: dense, separable"):
+        ConvPositionEmbedding(DIM, "depthwise")
 
 
 class _Silent(torch.nn.Module):

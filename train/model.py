@@ -35,7 +35,7 @@ class TextToImageModel(nn.Module):
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
                  mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity",
-                 abs_pos: bool = False, pooled_text: bool = True):
+                 abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense"):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -43,7 +43,7 @@ class TextToImageModel(nn.Module):
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
         self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
-                         rope=rope, abs_pos=abs_pos, pooled_text=pooled_text)
+                         rope=rope, abs_pos=abs_pos, pooled_text=pooled_text, pos_conv=pos_conv)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -57,7 +57,7 @@ class TextToImageModel(nn.Module):
           at init (a velocity of 0; with prediction="sample" a clean image of 0, so the model
           returns x_t / t): every AdaLNZero (LI-DiT's adaLN, the final layer's shift/scale, the
           refiners' adaptive gates, the collaborative refiner's modulation), LI-DiT's output
-          Linear, and the second conv of the convolutional position ResBlock.
+          Linear, and the last layer of the convolutional position ResBlock's second conv.
         The building blocks already zero their own parts (each is the identity on its own,
         which the tests check); restating it here changes no value and draws no random number.
         """
@@ -69,7 +69,7 @@ class TextToImageModel(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        for layer in (self.dit.final_layer.linear, self.dit.pos_embed.conv2):
+        for layer in (self.dit.final_layer.linear, self.dit.pos_embed.last_conv):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -118,4 +118,5 @@ def build_kwargs(model: ModelConfig, encoders: list[dict], codec: dict) -> dict:
         "prediction": model.prediction,
         "abs_pos": model.abs_pos,
         "pooled_text": model.pooled_text,
+        "pos_conv": model.pos_conv,
     }
