@@ -77,7 +77,7 @@ bench: install
 # The long recipe (configs/long.yaml, docs/RESULTS.md sessions 18-21): the relation curriculum,
 # four trainings each starting from the one before (train.stages; a rerun skips the finished
 # ones), on the default cache extended with mirrored scenes, then ShapeEval of the last. 614k
-# samples: about 2.7 hours of training on a 2-core AVX2 CPU, minutes on a GPU.
+# samples: about 2.5 hours of training on a 2-core AVX2 CPU, minutes on a GPU.
 long: install
 	$(PY) -m embed --config configs/long.yaml
 	$(PY) -m train --config configs/long.yaml $(ARGS)
