@@ -139,18 +139,19 @@ def bare_part(args, cores: int, results: dict) -> None:
     report("torch.compile (inductor)", "compile_over_bare", compiled["samples_per_s"],
            f"(first step incl. compiling: {compiled['compile_seconds']:.0f} s)")
     results["compile_seconds"] = compiled["compile_seconds"]
+    from store.config import load_config
+
+    asked = load_config(args.config).train.batch_size
     for batch in (16, 64):
         speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                                (f"train.batch_size={batch}",))["samples_per_s"]
-        report(f"batch {batch} (default 32)", f"batch_{batch}_over_bare", speed)
+        report(f"batch {batch} (the config's {asked})", f"batch_{batch}_over_bare", speed)
     if cores > 1:
         speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, 1)["samples_per_s"]
         report(f"1 thread (default {cores})", "one_thread_over_bare", speed)
     speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                            ("model.mlp_conv=true",))["samples_per_s"]
     report("model.mlp_conv: true", "mlp_conv_over_bare", speed)
-    from store.config import load_config
-
     other = "velocity" if load_config(args.config).model.prediction == "sample" else "sample"
     speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                            (f"model.prediction={other}",))["samples_per_s"]
