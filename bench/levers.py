@@ -141,7 +141,8 @@ def bare_part(args, cores: int, results: dict) -> None:
     results["compile_seconds"] = compiled["compile_seconds"]
     from store.config import load_config
 
-    asked = load_config(args.config).train.batch_size
+    config = load_config(args.config)
+    asked = config.train.batch_size
     for batch in (16, 64):
         speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                                (f"train.batch_size={batch}",))["samples_per_s"]
@@ -152,7 +153,7 @@ def bare_part(args, cores: int, results: dict) -> None:
     speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                            ("model.mlp_conv=true",))["samples_per_s"]
     report("model.mlp_conv: true", "mlp_conv_over_bare", speed)
-    other = "velocity" if load_config(args.config).model.prediction == "sample" else "sample"
+    other = "velocity" if config.model.prediction == "sample" else "sample"
     speed = in_own_process(bare_loop, args.config, args.steps, args.warmup, "default", False, None,
                            (f"model.prediction={other}",))["samples_per_s"]
     report(f"model.prediction: {other}", "prediction_over_bare", speed)
