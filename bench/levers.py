@@ -3,7 +3,8 @@
 The default model's training step (fwd + bwd + AdamW, the loss of `train.objective`) on
 real cached batches, as a bare loop, against one lever at a time:
   - the Lightning step (`make_trainer`) around the same model: the framework's overhead;
-  - AdamW's implementations: for-loop (torch's CPU default), foreach, fused;
+  - AdamW's implementations: for-loop (torch's CPU default before `train.adamw_kernel`),
+    foreach, fused; and the optimizer step alone, timed apart over the model's parameters;
   - Muon for the hidden matrices (`train.optimizer: muon`, train/optim.py): its Newton-Schulz cost;
   - torch.compile (inductor) of the model, its compile time reported apart;
   - the batch size (16, 32, 64): samples/s;
@@ -12,8 +13,9 @@ real cached batches, as a bare loop, against one lever at a time:
   - the head's other prediction (`model.prediction`: velocity against sample);
 and then, since the bare loop runs fp32 whatever the CPU, the Lightning step (what `make
 train` runs, at the precision `auto` resolves to) against itself with one lever at a time:
-batch 16 and 64, each fixed precision (32-true, bf16-mixed), and the position ResBlock's
-depthwise-separable convolutions (`model.pos_conv: separable`).
+batch 16 and 64, each fixed precision (32-true, bf16-mixed), the position ResBlock's
+depthwise-separable convolutions (`model.pos_conv: separable`), and AdamW as a for-loop
+(`train.adamw_kernel: loop`; `auto`, the reference, is fused on a CPU).
 Each variant runs `--steps` timed steps after `--warmup` untimed ones, in its own spawned
 process (so one variant's threads or compiled code cannot leak into the next). A discarded
 first run warms the page cache; the reference is timed first and again last.
@@ -92,6 +94,38 @@ def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "defau
             "threads": torch.get_num_threads()}
 
 
+def optimizer_alone(config_path: str, steps: int = 50, threads: int = 1) -> dict:
+    """Milliseconds per AdamW step over the default model's parameters, for each kernel (the
+    gradients random, the step alone: no forward, no backward). One thread, as each DDP
+    process trains on a CPU."""
+    import torch
+
+    from store.config import load_config
+    from train.model import TextToImageModel, build_kwargs
+    from train.run import open_cache
+
+    setup_process()
+    torch.set_num_threads(threads)
+    config = load_config(config_path)
+    reader = open_cache(config)
+    by_name = {e["name"]: e for e in reader.meta["encoders"]}
+    names = config.model.encoders or list(by_name)
+    params = list(TextToImageModel(**build_kwargs(config.model, [by_name[n] for n in names],
+                                                  reader.meta["codec"])).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    times = {}
+    for kernel, flags in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, config.train.adam_beta2), **flags)
+        for _ in range(5):
+            opt.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        times[kernel] = (time.perf_counter() - start) / steps * 1000
+    return {"ms": times, "tensors": len(params), "parameters": sum(p.numel() for p in params)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
@@ -107,6 +141,11 @@ def main() -> int:
     print(f"{args.config}: {args.steps} timed steps after {args.warmup}, on {detect('cpu').describe()}, "
           f"{cores} cores")
     results: dict = {"config": args.config, "steps": args.steps, "cpu": detect("cpu").describe()}
+    alone = in_own_process(optimizer_alone, args.config)
+    results["adamw_step_ms"] = alone["ms"]
+    print(f"AdamW's step alone ({alone['tensors']} tensors, {alone['parameters'] / 1e6:.1f}M parameters, 1 thread): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in alone["ms"].items())
+          + f"; fused is {alone['ms']['loop'] / alone['ms']['fused']:.1f}x the for-loop")
     if not args.lightning_only:
         bare_part(args, cores, results)
     lightning_part(args, results)
@@ -181,7 +220,8 @@ def lightning_part(args, results: dict) -> None:
             ("batch 64", "batch_64", ("train.batch_size=64",)),
             ("train.precision: 32-true", "fp32", ("train.precision=32-true",)),
             ("train.precision: bf16-mixed", "bf16", ("train.precision=bf16-mixed",)),
-            ("model.pos_conv: separable", "pos_separable", ("model.pos_conv=separable",))):
+            ("model.pos_conv: separable", "pos_separable", ("model.pos_conv=separable",)),
+            ("train.adamw_kernel: loop", "adamw_loop", ("train.adamw_kernel=loop",))):
         if key == "bf16" and "bf16" not in auto:
             print(f"{label:<44} skipped: no native bf16 here (bench/train.py part 5 times it)")
             continue

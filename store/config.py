@@ -166,6 +166,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float | None = None  # Muon's lr (its update matched to AdamW's RMS); None: train.lr
     muon_momentum: float = 0.95
+    # AdamW's implementation (the same update): "fused" (one kernel over all tensors), "foreach",
+    # "loop" (one parameter at a time); "auto": fused, unless the precision is 16-mixed (its grad
+    # scaler cannot clip around a fused step) or the strategy fsdp, where torch's own default
+    adamw_kernel: Literal["auto", "fused", "foreach", "loop"] = "auto"
     warmup_steps: int = 200
     # after warm-up: "constant", or "cosine" from lr down to lr * lr_final over train.steps
     lr_schedule: Literal["constant", "cosine"] = "constant"

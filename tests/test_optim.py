@@ -9,7 +9,7 @@ import torch
 
 from store.config import Config, ConfigError, load_config
 from train.model import TextToImageModel
-from train.optim import MuonAdamW, build_optimizer, muon_split
+from train.optim import MuonAdamW, adamw_options, build_optimizer, muon_split
 
 
 def tiny_model() -> TextToImageModel:
@@ -76,7 +76,58 @@ def test_one_optimizer_to_the_schedule_and_the_checkpoint():
     ("optimizer", "sgd", r"train\.optimizer"),
     ("muon_lr", 0.0, r"train\.muon_lr: must be > 0"),
     ("muon_momentum", 1.0, r"train\.muon_momentum: must be in \[0, 1\)"),
+    ("adamw_kernel", "turbo", r"train\.adamw_kernel"),
 ])
 def test_bad_optimizer_settings_are_refused(key, value, error):
     with pytest.raises(ConfigError, match=error):
         train_config(**{key: value})
+
+
+def adamw_flags(optimizer: torch.optim.Optimizer) -> tuple:
+    group = optimizer.param_groups[0]
+    return bool(group["fused"]), bool(group["foreach"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_auto_fuses_adamw_on_a_cpu_but_not_where_it_cannot_clip(optimizer):
+    model = tiny_model()
+    config = train_config(optimizer=optimizer)
+
+    def built(precision=None, **train):
+        opt = build_optimizer(model, train_config(optimizer=optimizer, **train).train, precision)
+        return adamw_flags(opt.adamw if optimizer == "muon" else opt)
+
+    assert config.train.adamw_kernel == "auto"
+    assert built() == (True, False)  # fused on a CPU
+    assert built("bf16-mixed") == (True, False)
+    assert built("16-mixed") == (False, False)  # the grad scaler: torch's own default, unfused
+    assert built(strategy="fsdp") == (False, False)
+    assert built(adamw_kernel="loop") == (False, False)
+    assert built(adamw_kernel="foreach") == (False, True)
+    assert built("16-mixed", adamw_kernel="fused") == (True, False)  # asked for by name: as asked
+    with torch.device("meta"):
+        meta_params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    assert adamw_options("auto", meta_params) == {}  # no fused kernel on that device: unfused
+
+
+def test_the_adamw_kernels_take_the_same_step():
+    """One step from the same gradients: the same update to float rounding. (Over several steps
+    the tiny model's near-zero gradients, where Adam's update is sign-like, amplify the rounding.)"""
+    inputs = (torch.randn(4, 3, 8, 8), torch.full((4,), 500.0), [torch.randn(4, 5, 16), torch.randn(4, 3, 8)],
+              [torch.ones(4, 5, dtype=torch.bool), torch.ones(4, 3, dtype=torch.bool)])
+    trained = {}
+    for kernel in ("loop", "foreach", "fused"):
+        model = tiny_model()
+        optimizer = build_optimizer(model, train_config(adamw_kernel=kernel, weight_decay=0.01).train)
+        assert adamw_flags(optimizer) == {"loop": (False, False), "foreach": (False, True),
+                                          "fused": (True, False)}[kernel]
+        (model(*inputs) - inputs[0]).square().mean().backward()
+        optimizer.step()
+        trained[kernel] = model
+    start, moved = tiny_model(), 0
+    for a, b, c, p in zip(trained["loop"].parameters(), trained["foreach"].parameters(),
+                          trained["fused"].parameters(), start.parameters()):
+        moved += not torch.equal(a, p)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-8)
+    assert moved > len(list(start.parameters())) // 2  # a real step (zero-init gates get no gradient yet)

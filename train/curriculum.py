@@ -25,7 +25,8 @@ from store.config import Config, ConfigError, config_differences, load_config, s
 # train keys that say how a stage runs, not what it trains: a done stage is still done
 # after they change (its weights are what the recipe asks for)
 HOW_IT_RUNS = {"max_minutes", "eval_every", "eval_rows", "eval_steps", "log_every", "checkpoint_every",
-               "num_workers", "devices", "accelerator", "precision", "strategy", "compile"}
+               "num_workers", "devices", "accelerator", "precision", "strategy", "compile",
+               "adamw_kernel"}
 
 
 def stage_names(config: Config) -> list[str]:

@@ -89,7 +89,8 @@ class LIDiTModule(L.LightningModule):
 
     def configure_optimizers(self):
         train = self.config.train
-        optimizer = build_optimizer(self.model, train)
+        precision = str(self.trainer.precision) if self._trainer is not None else None
+        optimizer = build_optimizer(self.model, train, precision)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(train, step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
