@@ -52,7 +52,7 @@ def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "defau
     from store.config import load_config
     from train.data import CacheDataModule
     from train.module import LIDiTModule
-    from train.optim import build_optimizer
+    from train.optim import adamw_options, build_optimizer
     from train.run import open_cache
 
     setup_process()
@@ -69,7 +69,7 @@ def bare_loop(config_path: str, steps: int, warmup: int, optimizer: str = "defau
     if optimizer == "muon":
         opt = build_optimizer(model, dataclasses.replace(config.train, optimizer="muon"))
     else:
-        kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+        kwargs = {} if optimizer == "default" else adamw_options(optimizer, list(model.parameters()))
         opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, **kwargs)
     compile_seconds = None
     if compiled:
@@ -101,22 +101,20 @@ def optimizer_alone(config_path: str, steps: int = 50, threads: int = 1) -> dict
     import torch
 
     from store.config import load_config
-    from train.model import TextToImageModel, build_kwargs
+    from train.module import LIDiTModule
+    from train.optim import adamw_options
     from train.run import open_cache
 
     setup_process()
     torch.set_num_threads(threads)
     config = load_config(config_path)
-    reader = open_cache(config)
-    by_name = {e["name"]: e for e in reader.meta["encoders"]}
-    names = config.model.encoders or list(by_name)
-    params = list(TextToImageModel(**build_kwargs(config.model, [by_name[n] for n in names],
-                                                  reader.meta["codec"])).parameters())
+    params = list(LIDiTModule(config.to_dict(), open_cache(config).meta).model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     times = {}
-    for kernel, flags in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, config.train.adam_beta2), **flags)
+    for kernel in ("loop", "foreach", "fused"):
+        opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, config.train.adam_beta2),
+                                **adamw_options(kernel, params))
         for _ in range(5):
             opt.step()
         start = time.perf_counter()
