@@ -167,8 +167,8 @@ class TrainConfig:
     muon_lr: float | None = None  # Muon's lr (its update matched to AdamW's RMS); None: train.lr
     muon_momentum: float = 0.95
     # AdamW's implementation (the same update): "fused" (one kernel over all tensors), "foreach",
-    # "loop" (one parameter at a time); "auto": fused, unless the precision is 16-mixed (its grad
-    # scaler cannot clip around a fused step) or the strategy fsdp, where torch's own default
+    # "loop" (one parameter at a time); "auto": fused where torch has the kernel, under every
+    # precision and with clipping; under the strategy fsdp, torch's own default
     adamw_kernel: Literal["auto", "fused", "foreach", "loop"] = "auto"
     warmup_steps: int = 200
     # after warm-up: "constant", or "cosine" from lr down to lr * lr_final over train.steps
@@ -180,8 +180,9 @@ class TrainConfig:
     # shapes world: each training row of a scene kind appears this many times per epoch, e.g.
     # {relation: 2} (kinds: single, two_objects, relation, counting, attributes); others once
     repeat_kinds: dict[str, int] = field(default_factory=dict)
-    # Lightning precision; "auto": bf16-mixed on a bf16 GPU or an AMX CPU, else 32-true (16-mixed on older GPUs)
-    precision: str = "auto"
+    # Lightning precision; "auto": bf16-mixed on a bf16 GPU, 16-mixed on an older GPU, 32-true on
+    # every CPU (store/hardware.py: train_precision). 16-mixed needs a GPU
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     # processes (DDP) sharing each batch; "auto": one per GPU, or on a CPU one per core up to
     # one per 8 rows of the batch (store/hardware.py: train_processes)
@@ -191,18 +192,24 @@ class TrainConfig:
     # torch.compile the model for training (inductor; the text is padded to a multiple of 16
     # tokens so that few shapes compile): "off", or a torch.compile mode
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # keep only each LI-DiT block's inputs in the forward pass and recompute the rest in the backward
+    # (torch.utils.checkpoint): the blocks' activations shrink to ~2 bytes per image token and width
+    # each, for one more forward of the blocks (train/plan.py; docs/SCALE.md)
+    activation_checkpointing: bool = False
     checkpoint_every: int = 500
     log_every: int = 50
-    max_minutes: float | None = None  # stop early (and checkpoint) after this wall time
+    max_minutes: float | None = None  # stop early (and checkpoint) after this many minutes of training (in-training scoring not counted)
     # start from another run's exported EMA weights (its run folder or checkpoints folder, or a
     # URI): a fine-tune or a curriculum's next stage. Fresh optimizer, schedule and EMA warm-up;
     # the model must build the same. A run that resumes from its own last.ckpt ignores it
     init_from: str | None = None
-    # every N steps, ShapeEval of the EMA weights on the first `eval_rows` held-out rows of a
-    # shapes cache, logged beside the loss (train/progress.py); 0: no scores, curves of the loss only
+    # every N steps and at the last, ShapeEval of the EMA weights on `eval_rows` held-out rows of a
+    # shapes cache, balanced over the scene kinds, with its standard error, logged beside the loss
+    # (train/progress.py); 0: no scores, curves of the loss only. 120 rows: a standard error of at
+    # most 0.05 whatever the scores (about 0.04 at the demo's)
     eval_every: int = 0
-    eval_rows: int = 32
-    eval_steps: int = 10  # sampling steps of those evaluations (the solver and CFG are sample's)
+    eval_rows: int = 120
+    eval_steps: int | None = None  # sampling steps of those evaluations; None: sample.steps, as make eval
     # a curriculum in one config: trainings run in order, each a `name` and the train keys it
     # changes from the stage before (stage_configs); [] : one training
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -512,6 +519,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.muon_lr: must be > 0 (or null for train.lr), got {config.train.muon_lr}")
     if not 0.0 <= config.train.muon_momentum < 1.0:
         raise ConfigError(f"train.muon_momentum: must be in [0, 1), got {config.train.muon_momentum}")
+    if config.train.strategy == "fsdp" and config.train.optimizer == "muon":
+        raise ConfigError("train.optimizer=muon with train.strategy=fsdp: Muon orthogonalises whole weight "
+                          "matrices, and FSDP gives each process a shard of them; use train.optimizer=adamw")
+    if config.train.strategy == "fsdp" and config.train.adamw_kernel == "fused":
+        raise ConfigError("train.adamw_kernel=fused with train.strategy=fsdp: the fused kernel is not used on "
+                          "sharded parameters here; use train.adamw_kernel=auto (torch's default) or foreach")
     if config.train.max_minutes is not None and config.train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes: must be > 0 (or null for no cap), got {config.train.max_minutes}")
     stage_configs(config)  # each stage builds and validates as a config of its own

@@ -11,8 +11,9 @@ while the capability is a fact the CPU and driver report.
   and only if oneDNN and ATen are not capped below those ISAs by `ONEDNN_MAX_CPU_ISA` /
   `ATEN_CPU_CAPABILITY` (the way to mimic an AVX2-only CPU on a fast one). Elsewhere fp32:
   on an AVX2-only CPU torch's bf16 matmul is about 100x slower than fp32 (docs/BENCHMARKS.md).
-  Training (`train_precision`) takes bf16 on a CPU only with AMX: with AVX512-BF16 alone the
-  default model's step was no faster in bf16-mixed than in fp32 (docs/BENCHMARKS.md).
+  Training (`train_precision`) is fp32 on every CPU: the models a CPU trains are small, and
+  their training step was faster in fp32 on each CPU kind measured, AMX included
+  (docs/BENCHMARKS.md, "Precision").
 
 A value set explicitly in a config always wins; `auto` is resolved once, at the start of
 a run, printed, and recorded (the cache's encoder records, the run's model.json).
@@ -45,12 +46,7 @@ class Hardware:
     native_bf16: bool
     fp16_ok: bool  # fp16 autocast is fast here (CUDA)
     capability: str  # what decided it, for the run's log and metadata
-    amx: bool = False  # a CPU's AMX tiles, usable (not capped): what makes bf16 *training* pay on a CPU
-
-    @property
-    def bf16_trains_no_faster(self) -> bool:
-        """A CPU whose bf16 is AVX512-BF16 without AMX: `auto` trains in fp32 there (`train_precision`)."""
-        return self.device == "cpu" and self.native_bf16 and not self.amx
+    amx: bool = False  # a CPU's AMX tiles, usable (not capped by the ISA caps above)
 
     def describe(self) -> str:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
@@ -128,15 +124,17 @@ def compute_dtype(requested: str, hardware: Hardware, *, frozen_llm: bool = Fals
 
 
 def train_precision(requested: str, hardware: Hardware) -> str:
-    """A Lightning precision string; `auto` follows `compute_dtype`, but for one case.
+    """A Lightning precision string; `auto` follows `compute_dtype` on a GPU, and is 32-true on a CPU.
 
-    A CPU whose bf16 is AVX512-BF16 without AMX trains in fp32: there bf16-mixed bought the
-    default model's training step nothing (fp32 1.12x faster in one run at batch 16, even in
-    the rerun and at batch 32: docs/BENCHMARKS.md), while its encoders, with large matmuls
-    and no backward pass, run bf16 at 1.8x fp32. With AMX, bf16 training is the faster one."""
+    Decided by capability, not by model size or a timed probe: bf16-mixed autocast casts every
+    weight at every step, which the small models a CPU trains do not earn back. Measured with
+    `bench/train.py --precision-only`, the default model trained faster in fp32 on every CPU kind
+    (docs/BENCHMARKS.md, "Precision"): 1.35x on an AMX Xeon, about 1.1x with AVX512-BF16 alone, and
+    bf16 is about 100x slower without native bf16. A probe would be noisy on a busy 2-core
+    machine, the very case it must get right; a model large enough for bf16 to pay trains on a GPU."""
     if requested != "auto":
         return requested
-    if hardware.bf16_trains_no_faster:
+    if hardware.device == "cpu":
         return TRAIN_PRECISION["float32"]
     return TRAIN_PRECISION[compute_dtype("auto", hardware)]
 

@@ -17,9 +17,9 @@ AMX = AVX512_BF16 | {"amx_bf16", "amx_tile", "amx_int8"}
 CASES = {
     "avx2-only cpu": (cpu_hardware(AVX2, {}), "float32", "32-true", "fp32"),
     "avx512 cpu without bf16": (cpu_hardware(AVX512, {}), "float32", "32-true", "fp32"),
-    # AVX512-BF16 without AMX: bf16 for the encoders and sampling, fp32 for training (measured).
+    # Native bf16: bf16 for the encoders and sampling, fp32 for training, AMX or not (measured).
     "avx512-bf16 cpu": (cpu_hardware(AVX512_BF16, {}), "bfloat16", "32-true", "bf16"),
-    "amx cpu": (cpu_hardware(AMX, {}), "bfloat16", "bf16-mixed", "bf16"),
+    "amx cpu": (cpu_hardware(AMX, {}), "bfloat16", "32-true", "bf16"),
     "amx cpu capped to avx2 by oneDNN": (cpu_hardware(AMX, {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
                                          "float32", "32-true", "fp32"),
     "amx cpu capped to avx2 by ATen": (cpu_hardware(AMX, {"ATEN_CPU_CAPABILITY": "avx2"}),
@@ -27,7 +27,7 @@ CASES = {
     "amx cpu, oneDNN cap that keeps bf16 but not AMX": (
         cpu_hardware(AMX, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}), "bfloat16", "32-true", "bf16"),
     "amx cpu, oneDNN cap that keeps AMX": (cpu_hardware(AMX, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}),
-                                           "bfloat16", "bf16-mixed", "bf16"),
+                                           "bfloat16", "32-true", "bf16"),
     "unknown cpu (no flags)": (cpu_hardware(set(), {}), "float32", "32-true", "fp32"),
     "ampere gpu": (cuda_hardware("A100", True, (8, 0)), "bfloat16", "bf16-mixed", "bf16"),
     # Older GPUs: fp16 autocast trains and samples fast; the frozen LLM stays fp32 (outliers).

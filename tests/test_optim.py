@@ -89,25 +89,33 @@ def adamw_flags(optimizer: torch.optim.Optimizer) -> tuple:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_auto_fuses_adamw_on_a_cpu_but_not_where_it_cannot_clip(optimizer):
+def test_auto_fuses_adamw_wherever_torch_has_the_kernel_but_under_fsdp(optimizer):
     model = tiny_model()
     config = train_config(optimizer=optimizer)
 
-    def built(precision=None, **train):
-        opt = build_optimizer(model, train_config(optimizer=optimizer, **train).train, precision)
+    def built(**train):
+        opt = build_optimizer(model, train_config(optimizer=optimizer, **train).train)
         return adamw_flags(opt.adamw if optimizer == "muon" else opt)
 
     assert config.train.adamw_kernel == "auto"
-    assert built() == (True, False)  # fused on a CPU
-    assert built("bf16-mixed") == (True, False)
-    assert built("16-mixed") == (False, False)  # the grad scaler: torch's own default, unfused
-    assert built(strategy="fsdp") == (False, False)
+    assert built() == (True, False)  # fused on a CPU, under any precision: the module clips around it
     assert built(adamw_kernel="loop") == (False, False)
     assert built(adamw_kernel="foreach") == (False, True)
-    assert built("16-mixed", adamw_kernel="fused") == (True, False)  # asked for by name: as asked
+    if optimizer == "adamw":
+        assert built(strategy="fsdp") == (False, False)  # torch's own default
     with torch.device("meta"):
         meta_params = [torch.nn.Parameter(torch.zeros(2, 2))]
     assert adamw_options("auto", meta_params) == {}  # no fused kernel on that device: unfused
+
+
+@pytest.mark.parametrize(("train", "error"), [
+    ({"optimizer": "muon", "strategy": "fsdp"}, r"train\.optimizer=muon with train\.strategy=fsdp"),
+    ({"adamw_kernel": "fused", "strategy": "fsdp"}, r"train\.adamw_kernel=fused with train\.strategy=fsdp"),
+    ({"precision": "bf16"}, r"train\.precision"),
+])
+def test_combinations_that_cannot_work_are_refused_when_the_config_is_read(train, error):
+    with pytest.raises(ConfigError, match=error):
+        train_config(**train)
 
 
 def test_the_adamw_kernels_take_the_same_step():

@@ -331,14 +331,15 @@ def test_progress_logs_shapeeval_beside_the_loss_and_draws_curves_a_resumed_run_
 
     first = config_for(tiny_cache, tmp_path, train={"steps": 4, "eval_every": 3, "eval_rows": 6, "eval_steps": 2})
     summary = run_train(first, progress=False)
-    assert summary["shapeeval"].startswith("ShapeEval at step 4 (6 held-out prompts)") and "overall" in summary["shapeeval"]
+    assert summary["shapeeval"].startswith("ShapeEval at step 4: ") and "overall" in summary["shapeeval"]
+    assert "(standard error; " in summary["shapeeval"] and ", 2 heun steps, CFG" in summary["shapeeval"]
     logs = first.run_path / "logs"
     frame = pd.read_csv(logs / "metrics.csv")
     scored = frame.dropna(subset=["eval/overall"])
     assert list(scored["step"]) == [3, 4]
-    categories = {c.removeprefix("eval/") for c in frame.columns if c.startswith("eval/")} - {"overall"}
+    categories = {c.removeprefix("eval/") for c in frame.columns if c.startswith("eval/")} - {"overall", "overall_se"}
     assert categories and categories <= set(CATEGORIES)  # those among the 6 rows
-    assert scored["eval/overall"].between(0, 1).all()
+    assert scored["eval/overall"].between(0, 1).all() and (scored["eval/overall_se"] >= 0).all()
     history = json.loads((logs / "curves.json").read_text())
     assert [e["step"] for e in history["eval"]] == [3, 4] and [p[0] for p in history["loss"]] == [1, 2, 3, 4]
     assert Image.open(logs / "curves.png").size == (1000, 380)
@@ -468,3 +469,43 @@ def test_a_curriculum_trains_its_stages_in_order_each_from_the_last_and_skips_th
     assert pick_stage(config, "second") == pick_stage(config, "2") == 1
     with pytest.raises(ConfigError, match="no such stage; the stages are 1 first, 2 second"):
         pick_stage(config, "3")
+
+
+def test_in_training_score_is_balanced_over_kinds_and_its_standard_error_matches_resampling(tiny_cache, tmp_path):
+    """train/progress.py: the held-out rows are the same number of each scene kind, and the
+    stated standard error of the overall score agrees with a stratified bootstrap of ShapeEval."""
+    from embed.shapes import make_scene, render, world_spec
+    from sample.shapeeval import shapeeval
+    from store.reader import CacheReader
+    from train.progress import balanced_rows, standard_error
+
+    reader = CacheReader(f"{tiny_cache['run_dir']}/cache")
+    rows = balanced_rows(reader, 100)
+    kinds = [json.loads(t)["kind"] for t in reader.dataset.take(rows, columns=["truth"]).column("truth").to_pylist()]
+    held_out = set(np.flatnonzero(reader.column("split") == "eval").tolist())
+    assert set(rows) <= held_out and len(set(kinds)) > 1 and rows == sorted(rows)
+    assert len(rows) == len(held_out)  # 100 a kind asked: every held-out row of the tiny cache
+    two = balanced_rows(reader, 2 * len(set(kinds)))
+    two_kinds = [json.loads(t)["kind"] for t in reader.dataset.take(two, columns=["truth"]).column("truth").to_pylist()]
+    assert all(two_kinds.count(k) == min(2, kinds.count(k)) for k in set(kinds))  # at most 2 of each
+
+    world = world_spec(32, 32)
+    scenes, per_kind = [], {}
+    for index in range(2000):  # 10 scenes of each kind, half of them drawn right
+        scene = make_scene(7, index, 32, 32)
+        if per_kind.get(scene["kind"], 0) < 10:
+            per_kind[scene["kind"]] = per_kind.get(scene["kind"], 0) + 1
+            scenes.append(scene)
+    rng = np.random.default_rng(0)
+    images = np.stack([render(s) if rng.random() < 0.5 else np.zeros((32, 32, 3), np.uint8) for s in scenes])
+    result = shapeeval(images, scenes, world)
+    stated = standard_error(images, scenes, world, result)
+    by_kind = {}
+    for i, scene in enumerate(scenes):
+        by_kind.setdefault(scene["kind"], []).append(i)
+    draws = []
+    for _ in range(300):
+        picked = np.concatenate([rng.choice(ix, len(ix)) for ix in by_kind.values()])
+        draws.append(shapeeval(images[picked], [scenes[i] for i in picked], world)["overall"])
+    assert 0.03 < stated < 0.2
+    assert stated == pytest.approx(float(np.std(draws)), rel=0.25)

@@ -12,6 +12,8 @@ import math
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from store.config import Config, config_from_dict
 from train.diffusion import objective_from_config
@@ -89,10 +91,26 @@ class LIDiTModule(L.LightningModule):
 
     def configure_optimizers(self):
         train = self.config.train
-        precision = str(self.trainer.precision) if self._trainer is not None else None
-        optimizer = build_optimizer(self.model, train, precision)
+        optimizer = build_optimizer(self.model, train)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(train, step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the gradients' global norm to train.grad_clip under mixed precision too.
+
+        Lightning's mixed-precision plugin refuses to clip around an optimizer that unscales
+        inside its step (fused AdamW), under bf16-mixed as well, where nothing is scaled. So the
+        norm is clipped here, as Lightning's own clipping does it (torch's clip_grad_norm_ over
+        the optimizer's parameters). Under a grad scaler (16-mixed) such an optimizer's gradients
+        are unscaled first; the scaler then tells the fused step not to unscale them again.
+        Other precision plugins (32-true, FSDP's) clip the way Lightning does."""
+        plugin = self.trainer.precision_plugin
+        if not gradient_clip_val or not isinstance(plugin, MixedPrecision):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if plugin.scaler is not None and _optimizer_handles_unscaling(optimizer):
+            plugin.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

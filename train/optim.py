@@ -76,34 +76,38 @@ def muon_split(model: nn.Module, head: nn.Module) -> tuple[list[nn.Parameter], l
     return matrices, others
 
 
-def adamw_options(kernel: str, params: list[nn.Parameter], precision: str | None = None,
-                  strategy: str = "auto") -> dict:
+def adamw_options(kernel: str, params: list[nn.Parameter], strategy: str = "auto") -> dict:
     """torch.optim.AdamW's implementation flags for train.adamw_kernel.
 
     The update is the same (up to float rounding); only the speed differs. On a 2-core CPU the
     default model's step took 21-27 ms as a loop over its 212 tensors and 5-6 ms fused
-    (docs/BENCHMARKS.md). "auto" is fused where torch has the kernel for every parameter, except
-    under 16-mixed (a fused step unscales inside, and Lightning then refuses to clip) and FSDP."""
+    (docs/BENCHMARKS.md). "auto" is fused where torch has the kernel for every parameter, under
+    every precision (gradient clipping works around it: LIDiTModule.configure_gradient_clipping),
+    but not under FSDP, where torch's own default runs."""
     if kernel not in ADAMW_KERNELS:
         raise ValueError(f"train.adamw_kernel={kernel!r}; allowed: {', '.join(ADAMW_KERNELS)}")
     if kernel == "auto":
-        fusable = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
-        if not fusable or str(precision).startswith("16") or strategy == "fsdp":
+        if not fusable(params) or strategy == "fsdp":
             return {}
         kernel = "fused"
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, precision: str | None = None) -> torch.optim.Optimizer:
-    """The optimizer of train.optimizer for a TextToImageModel (`precision`: the Trainer's, if any)."""
+def fusable(params: list[nn.Parameter]) -> bool:
+    """Whether torch has a fused AdamW kernel for every one of `params`."""
+    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of train.optimizer for a TextToImageModel."""
     betas = (0.9, train.adam_beta2)
     if train.optimizer == "adamw":
         params = list(model.parameters())
-        options = adamw_options(train.adamw_kernel, params, precision, train.strategy)
+        options = adamw_options(train.adamw_kernel, params, train.strategy)
         return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, betas=betas, **options)
     if train.optimizer == "muon":
         matrices, others = muon_split(model, model.dit.final_layer)
         muon_lr = train.lr if train.muon_lr is None else train.muon_lr
-        options = adamw_options(train.adamw_kernel, others, precision, train.strategy)
+        options = adamw_options(train.adamw_kernel, others, train.strategy)
         return MuonAdamW(matrices, others, train.lr, muon_lr, train.weight_decay, betas, train.muon_momentum, options)
     raise ValueError(f"train.optimizer={train.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")

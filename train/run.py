@@ -11,7 +11,6 @@ import dataclasses
 import io
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +28,7 @@ from store.storage import RemotePath
 from train.data import CacheDataModule
 from train.export import ema_digest, export, init_from_exported
 from train.module import LIDiTModule
-from train.progress import TrainingProgress
+from train.progress import TrainingProgress, TrainingTimeCap
 
 
 def open_cache(config: Config) -> CacheReader:
@@ -45,6 +44,23 @@ def resolve_precision(config: Config, accelerator: str | None = None) -> tuple[s
     accelerator = accelerator or config.train.accelerator
     hardware = detect("cpu" if accelerator == "cpu" else "auto")
     return train_precision(config.train.precision, hardware), hardware
+
+
+def check_combination(config: Config, precision: str, hardware: Hardware) -> None:
+    """Refuse, before anything is built, what cannot run on this hardware, naming the keys.
+
+    Every combination of train.precision, train.adamw_kernel, train.grad_clip, train.optimizer
+    and train.strategy that can work does (tests/test_precision.py trains each one); the
+    combinations refused whatever the hardware are refused when the config is read
+    (store/config.py: validate)."""
+    train = config.train
+    if hardware.device == "cpu" and precision == "16-mixed":
+        raise ConfigError("train.precision=16-mixed needs a GPU: on a CPU (train.accelerator "
+                          f"{train.accelerator!r} runs on {hardware.describe()}) Lightning would train in "
+                          "bf16-mixed instead without a word; use bf16-mixed, 32-true or auto")
+    if hardware.device == "cpu" and train.strategy == "fsdp":
+        raise ConfigError(f"train.strategy=fsdp needs a GPU (train.accelerator {train.accelerator!r} runs on "
+                          f"{hardware.describe()}); use train.strategy=auto or ddp")
 
 
 # what decides the stream of batches: a resume with other values works, but no longer
@@ -130,6 +146,10 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
     precision, hardware = resolve_precision(config, overrides.get("accelerator"))
     processes = train_processes(train.devices, train.batch_size, hardware)
     strategy = "ddp" if processes > 1 and train.strategy == "auto" else train.strategy
+    # the scores and curves as it trains, and the cap on minutes of training (scoring not counted)
+    watchers: list[L.Callback] = [TrainingProgress(config, reader)] if reader is not None else []
+    if train.max_minutes:
+        watchers.append(TrainingTimeCap(train.max_minutes, watchers[0] if watchers else None))
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="last", every_n_train_steps=train.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False)
     # Lightning writes checkpoints and logs through fsspec: a run_dir URI works as is.
@@ -140,11 +160,9 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
         max_steps=train.steps, precision=precision, accelerator=train.accelerator, devices=processes,
         strategy=strategy, gradient_clip_val=train.grad_clip, logger=loggers,
         # tqdm, not rich: it also prints readable periodic lines when stdout is a log file
-        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else [])
-        + ([TrainingProgress(config, reader)] if reader is not None else []),
+        callbacks=[checkpoint] + ([TQDMProgressBar(refresh_rate=10)] if progress else []) + watchers,
         log_every_n_steps=train.log_every, enable_progress_bar=progress, limit_val_batches=0,
         num_sanity_val_steps=0, enable_model_summary=progress, use_distributed_sampler=False,
-        max_time=timedelta(minutes=train.max_minutes) if train.max_minutes else None,
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -160,9 +178,10 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     started = time.time()
     reader = open_cache(config)
     precision, hardware = resolve_precision(config, trainer_overrides.get("accelerator"))
+    check_combination(config, precision, hardware)
     trainer_overrides.setdefault("precision", precision)
-    why = (" (bf16 trains no faster than fp32 on a CPU without AMX)"
-           if config.train.precision == "auto" and hardware.bf16_trains_no_faster else "")
+    why = (" (a CPU trains the models it can hold faster in fp32)"
+           if config.train.precision == "auto" and hardware.device == "cpu" and hardware.native_bf16 else "")
     if rank_zero_only.rank == 0:  # the DDP processes Lightning starts run this too
         log(f"train: precision {precision} (asked: {config.train.precision}) on {hardware.describe()}{why}")
     checkpoint_dir = config.run_path / "checkpoints"
