@@ -7,7 +7,9 @@ side's LLM does not inflate the cached side's peak RSS. Both use the real Traine
   cache's metadata run on the batch's captions in every step (a trainer without a cache);
   3. the same ratio estimated from FLOPs for lidit-1b with LLaMA3-8B + Qwen1.5-7B;
   4. `loader_over_step`: the data module's samples/s over the cached training step's;
-  5. `auto_over_best_fixed`: train.precision "auto" over the faster of 32-true and bf16-mixed;
+  5. `auto_over_best_fixed`: train.precision "auto" over the faster of 32-true and bf16-mixed,
+     each timed as `python -m train` runs it (the config's DDP processes; `--precision-only`
+     runs this part alone, `--set` changes the config, e.g. the long recipe's batch of 128);
   6. `train_flops_fraction`: the cached training step's model FLOPs per second over this
      CPU's matmul rate in the precision it trained in (2048x2048, the same threads), both
      measured in this run. The step's FLOPs are counted op by op on one real batch with
@@ -17,7 +19,8 @@ side's LLM does not inflate the cached side's peak RSS. Both use the real Traine
      optimizer, norms, activations and softmax are left out.
 
     python bench/train.py [--config configs/default.yaml] [--steps 30] [--warmup 5] [--batches 50]
-                          [--precision-steps 5] [--precision-repeats 2] [--json]
+                          [--precision-steps 100] [--precision-repeats 2] [--precision-only]
+                          [--set KEY=VALUE] [--json]
 """
 
 from __future__ import annotations
@@ -223,24 +226,27 @@ def rotated(settings: tuple, round_: int) -> tuple:
 
 # -- 7. the processes: `python -m train` as a user runs it ----------------------------------------
 
-def train_command_seconds(config_path: str, devices: str, steps: int, out: Path) -> float:
-    """Wall seconds of `python -m train` for `steps` steps with train.devices=`devices`
-    (no in-training evaluation, nothing kept)."""
+def train_command_seconds(config_path: str, devices: str, steps: int, out: Path, overrides: tuple = ()) -> float:
+    """Wall seconds of `python -m train` for `steps` steps with train.devices=`devices` and the
+    `overrides` (KEY=VALUE; no in-training evaluation, nothing kept)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # auto chooses the threads
     command = [sys.executable, "-m", "train", "--config", config_path, "--fresh", "--set", f"run_dir={out}",
                "--set", f"cache_dir={load_config(config_path).cache_path.resolve()}", "--set", f"train.steps={steps}",
                "--set", "train.eval_every=0", "--set", f"train.devices={devices}", "--set", "train.max_minutes=null"]
+    for override in overrides:
+        command += ["--set", override]
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
-def processes_samples_per_s(config_path: str, devices: str, steps: int, warmup: int, batch: int) -> float:
+def processes_samples_per_s(config_path: str, devices: str, steps: int, warmup: int, batch: int,
+                            overrides: tuple = ()) -> float:
     """samples/s of the training command: a run of warmup + steps steps less one of warmup steps,
     so start-up, the DDP launch, checkpoint and export cancel out."""
     with tempfile.TemporaryDirectory() as out:
-        short = train_command_seconds(config_path, devices, warmup, Path(out) / "short")
-        long = train_command_seconds(config_path, devices, warmup + steps, Path(out) / "long")
+        short = train_command_seconds(config_path, devices, warmup, Path(out) / "short", overrides)
+        long = train_command_seconds(config_path, devices, warmup + steps, Path(out) / "long", overrides)
     return steps * batch / (long - short)
 
 
@@ -317,17 +323,27 @@ def parts_1_to_5(args, config: Config, cached: dict, report, results: dict) -> N
            loader_samples_per_s(config, args.batches), "samples/s", f"({args.batches} batches of {batch})")
     report("   loader_over_step", "loader_over_step", results["loader_samples_per_s"] / cached["samples_per_s"], "x",
            "(goal >= 5)")
-    # 5. precision: "auto" against each fixed choice, each run in its own process. auto and the
-    # fixed value it resolves to are the same computation, so their ratio is 1 but for noise:
-    # the runs alternate in rotating order and each label keeps its best of --precision-repeats.
+    precision_part(args, config, report, results)
+
+
+def precision_part(args, config: Config, report, results: dict) -> None:
+    """5. train.precision "auto" against each fixed choice, timed as it trains: `python -m train`
+    with the config's train.devices (DDP processes on a CPU), over a run of --warmup steps. auto
+    and the fixed value it resolves to are the same computation, so their ratio is 1 but for
+    noise: the runs alternate in rotating order and each label keeps its best of --precision-repeats."""
     hardware = detect("auto")
-    print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}")
+    batch = config.train.batch_size
+    print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}; "
+          f"`python -m train`, train.devices={config.train.devices}, {args.precision_steps} steps over a run of "
+          f"{args.warmup}, best of {args.precision_repeats}")
     best: dict[str, float] = {}
     for round_ in range(args.precision_repeats):
         for label in rotated(("auto", "32-true", "bf16-mixed"), round_):
-            side = in_own_process(measure_side, args.config, "cached", args.precision_steps, 1,
-                                  (f"train.precision={label}",))
-            best[label] = max(best.get(label, 0.0), side["samples_per_s"])
+            overrides = (*args.overrides, f"train.precision={label}")
+            speed = processes_samples_per_s(args.config, str(config.train.devices), args.precision_steps,
+                                            args.warmup, batch, overrides)
+            print(f"   train.precision={label}: {speed:.1f} samples/s", flush=True)
+            best[label] = max(best.get(label, 0.0), speed)
     for label, speed in best.items():
         report(f"   train.precision={label}", f"precision_{label}_samples_per_s", speed, "samples/s",
                f"(best of {args.precision_repeats} x {args.precision_steps} steps)")
@@ -342,8 +358,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per side")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
     parser.add_argument("--batches", type=int, default=50, help="batches for the loader alone")
-    parser.add_argument("--precision-steps", type=int, default=5,
-                        help="timed steps per precision in part 5 (bf16 on an AVX2-only CPU: ~13 s a step)")
+    parser.add_argument("--precision-steps", type=int, default=100,
+                        help="timed steps per precision in part 5 (bf16 on an AVX2-only CPU: seconds a step)")
+    parser.add_argument("--precision-only", action="store_true", help="run part 5 alone, then the JSON line")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for part 5's runs, e.g. --set train.batch_size=128")
     parser.add_argument("--precision-repeats", type=int, default=2, help="runs per precision in part 5 (best kept)")
     parser.add_argument("--process-steps", type=int, default=150, help="timed steps per command in part 7")
     parser.add_argument("--process-repeats", type=int, default=2, help="runs per setting in part 7 (best kept)")
@@ -369,6 +388,11 @@ def main() -> int:
     print(f"{args.config}: cache {config.cache_path} ({len(CacheReader(config.cache_path))} rows), batch {batch}, "
           f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, "
           f"precision {config.train.precision}")
+    if args.precision_only:
+        precision_part(args, load_config(args.config, args.overrides), report, results)
+        if args.json:
+            print(json.dumps(results))
+        return 0
     cached = in_own_process(measure_side, args.config, "cached", args.steps, args.warmup)
     if not args.processes_only:
         parts_1_to_5(args, config, cached, report, results)

@@ -232,3 +232,16 @@ def test_prefix_and_caption_ids_equal_a_joint_tokenisation_with_the_real_smollm2
 def test_weights_other_than_the_caches_are_refused_before_loading(llama_dir):
     with pytest.raises(EncoderError, match="the features were made with hash 0000000000000000"):
         PromptEncoder(causal(llama_dir), expect_hash="0" * 16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_every_encoder_compute_dtype_runs_on_any_cpu_and_stays_near_fp32(llama_dir, dtype):
+    """encoders[].compute_dtype is picked by the hardware under auto; each value is run here by name."""
+    reference = PromptEncoder(causal(llama_dir)).encode(CAPTIONS[:2], batch_size=2)
+    enc = PromptEncoder(causal(llama_dir, compute_dtype=dtype))
+    assert enc.compute_dtype_name == dtype
+    tolerance = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[dtype]
+    for out, ref in zip(enc.encode(CAPTIONS[:2], batch_size=2), reference):
+        assert list(out.ids) == list(ref.ids)
+        error = (out.states.float() - ref.states).norm() / ref.states.norm()
+        assert torch.isfinite(out.states).all() and error < tolerance, (dtype, float(error))

@@ -212,3 +212,14 @@ def test_failure_reasons_name_what_broke_each_image():
     assert transposed["position"]["reasons"]["relation other axis"] > 0
     assert sum(transposed["position"]["reasons"].values()) == transposed["position"]["failed"]
     assert set(transposed["position"]["reasons"]) == set(FAILURES)
+
+
+def test_every_sampling_precision_runs_on_any_cpu_and_stays_near_fp32(exported):
+    """sample.precision is picked by the hardware under auto; each value is run here by name."""
+    prompts = ["a red circle", "two purple circles"]
+    images = {p: generate(exported, prompts, **SETTINGS, batch_size=2, progress=False, precision=p)
+              for p in ("fp32", "bf16", "fp16")}
+    for precision, found in images.items():
+        assert found.shape == (2, 32, 32, 3) and found.dtype == np.uint8, precision
+        if precision != "fp32":  # the same images up to the autocast's rounding
+            assert np.abs(found.astype(int) - images["fp32"].astype(int)).mean() < 3, precision
