@@ -29,7 +29,7 @@ from tqdm import tqdm
 from embed.codecs import PixelCodec, make_codec
 from embed.encoder import EncodedCaption, blocks_to_run, build_encoder, model_num_blocks, resolve_model_path
 from embed.shapes import world_spec
-from embed.sources import list_items, load_item
+from embed.sources import list_items, load_item, reject_duplicate_ids
 from store.cli import stderr_without
 from store.config import Config, ConfigError, EncoderConfig
 from store.schema import tensor_to_bytes
@@ -274,7 +274,7 @@ def start_ray(config: Config) -> None:
 def run_embed(config: Config, limit: int | None = None, progress: bool = True, log=print) -> EmbedSummary:
     started = time.time()
     validate_before_work(config)
-    items = list_items(config)
+    items = reject_duplicate_ids(list_items(config))
     if limit is not None:
         items = items[:limit]
     start_ray(config)

@@ -134,18 +134,51 @@ def _image(item: dict, config: Config) -> tuple[np.ndarray | None, int | None, s
         return None, None, "missing image"
     if not Path(path).is_file():
         return None, None, f"image file not found: {path}"
+    limit = config.data.max_image_pixels
+    # PIL's own guard raises on open, above 2 x its limit, without saying the size; this
+    # function's check below replaces it (data.max_image_pixels), before anything is decoded.
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+            if limit and width * height > limit:
+                return None, None, (f"image too large: {width}x{height} = {width * height:,} pixels > "
+                                    f"data.max_image_pixels {limit:,}: {path}")
             opened.load()
             image = opened.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return None, None, f"corrupt image {path}: {err}"
+    except Exception as err:  # noqa: BLE001  anything else one file can raise (PIL's decompression bomb, ...)
+        return None, None, f"unreadable image {path}: {type(err).__name__}: {err}"
     side = config.data.min_image_side
     if min(image.size) < side:
         return None, None, f"image too small: {image.width}x{image.height} < {side} px"
     buckets = config.codec.buckets
     bucket = assign_bucket(image.height, image.width, buckets)
     return fit_to_bucket(image, buckets[bucket]), bucket, None
+
+
+def reject_duplicate_ids(items: list[dict]) -> list[dict]:
+    """The items with every repeat of an id after its first turned into a rejection.
+
+    A repeat keeps a row of its own in the rejects table, under `<id>#duplicate-<n>`: the first
+    copy's id stays free until its own row is committed, so a run killed in between loses
+    neither, and a rerun lists and rejects the same repeats (already committed: skipped)."""
+    seen: dict[str, int] = {}
+    repeats: dict[str, int] = {}
+    out = []
+    for n, item in enumerate(items):
+        first = seen.setdefault(item["id"], n)
+        if first == n:
+            out.append(item)
+            continue
+        repeat = repeats[item["id"]] = repeats.get(item["id"], 0) + 1
+        where = item.get("image") or item.get("caption_file") or f"entry {n + 1}"
+        out.append({"id": f"{item['id']}#duplicate-{repeat}", "split": item.get("split", "train"),
+                    "duplicate_of": item["id"], "image": item.get("image"),
+                    "error": f"duplicate id: {item['id']!r} of entry {n + 1} ({where}) was first given to entry "
+                             f"{first + 1}, which is kept"})
+    return out
 
 
 def load_item(item: dict, config: Config) -> dict:

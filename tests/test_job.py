@@ -103,9 +103,15 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_rows_arrive(tmp_path, lla
     (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     (data / "corrupt.txt").write_text("a corrupt image")
     _save(data / "tiny.png", size=(8, 8)); (data / "tiny.txt").write_text("a tiny image")
+    # A 20,000 x 10,000 grey PNG of a few hundred KB: PIL's own check raises DecompressionBombError
+    # (not an OSError) on open; the header says how large it is before anything is decoded.
+    Image.new("L", (20_000, 10_000), 128).save(data / "bomb.png", optimize=True)
+    (data / "bomb.txt").write_text("a huge grey image")
+    _save(data / "big.png", size=(96, 48)); (data / "big.txt").write_text("over the configured limit")
     config = make_config(raw_config(tmp_path, llama_dir, source="folder", path=data))
+    config.data.max_image_pixels = 4_000  # good5 (80 x 40 = 3,200) fits, big (96 x 48 = 4,608) does not
     summary = run_embed(config, progress=False)
-    assert summary.written == 6 and summary.rejected == 7
+    assert summary.written == 6 and summary.rejected == 9
     rejects = {r["id"]: r["reason"] for r in lance.dataset(str(config.cache_path / "rejects.lance")).to_table().to_pylist()}
     assert rejects["empty"] == "empty caption"
     assert rejects["blank"] == "empty caption"
@@ -114,12 +120,14 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_rows_arrive(tmp_path, lla
     assert rejects["nocaption"] == "missing caption"
     assert rejects["corrupt"].startswith("corrupt image")
     assert rejects["tiny"].startswith("image too small: 8x8")
+    assert rejects["bomb"].startswith("image too large: 20000x10000 = 200,000,000 pixels > data.max_image_pixels")
+    assert rejects["big"].startswith("image too large: 96x48")
     good = lance.dataset(str(config.cache_path / "samples.lance")).to_table(columns=["id", "bucket", "latent_shape"])
     assert sorted(good.column("id").to_pylist()) == [f"good{i}" for i in range(6)]
     assert set(good.column("bucket").to_pylist()) == {0, 1}  # square and wide images bucketed apart
     # A rerun skips everything: accepted and rejected ids are both committed.
     again = run_embed(config, progress=False)
-    assert again.written == 0 and again.rejected == 0 and again.skipped == 13
+    assert again.written == 0 and again.rejected == 0 and again.skipped == 15
 
 
 @pytest.mark.parametrize("max_chars", [None, 500])
@@ -238,11 +246,16 @@ def test_manifest_jsonl_and_parquet_sources_embed_their_rows(tmp_path, llama_dir
         _save(images / f"{i}.png", size=(48, 32))
     lines = [json.dumps({"id": f"j{i}", "image": f"images/{i}.png", "caption": f"a red square {i}"}) for i in range(4)]
     lines.insert(2, "{not json")
+    lines.append(json.dumps({"id": "j1", "image": "images/3.png", "caption": "the same id again"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     config = make_config(raw_config(tmp_path, llama_dir, source="manifest", path=tmp_path / "pairs.jsonl"))
     summary = run_embed(config, progress=False)
-    assert summary.written == 4 and summary.rejected == 1
-    assert summary.reasons == {"line 3": 1}
+    assert summary.written == 4 and summary.rejected == 2
+    assert summary.reasons == {"line 3": 1, "duplicate id": 1}
+    kept = lance.dataset(str(config.cache_path / "samples.lance")).to_table(columns=["id", "caption"]).to_pylist()
+    assert sorted(r["id"] for r in kept) == ["j0", "j1", "j2", "j3"]  # one row per id: the first entry's
+    assert {r["caption"] for r in kept if r["id"] == "j1"} == {"a red square 1"}
+    assert run_embed(config, progress=False).skipped == 6  # a rerun: every entry committed, the repeat too
 
     pq.write_table(pa.table({"image": [str(images / "0.png")], "caption": ["a wide red square"]}),
                    tmp_path / "pairs.parquet")
