@@ -54,6 +54,9 @@ class DataConfig:
     height: int = 32  # shapes only: image size in pixels
     width: int = 32
     min_image_side: int = 16  # real images smaller than this are rejected
+    # real images with more pixels than this are rejected from their header, before decoding
+    # (a small PNG can declare 20,000 x 10,000 pixels); 0: no limit. 64M: 8,192 x 8,192
+    max_image_pixels: int = 64 * 1024 * 1024
     # Optional guard against malformed input (a whole document in a caption field): a longer
     # caption is cut to this many characters before tokenising, bounding the tokenizer's work
     # and the row's size. The row is kept; the encoders still truncate at max_tokens and flag it.
@@ -538,7 +541,8 @@ RANGES = [
     ("sample.steps", 1), ("sample.batch_size", 1), ("sample.cfg_scale", 0.0),
     ("embed.actors", 1), ("embed.threads_per_actor", 1), ("embed.gpus_per_actor", 0.0), ("embed.batch_size", 1),
     ("embed.shard_rows", 1), ("embed.caption_memo_mib", 0.0),
-    ("data.max_caption_chars", 1), ("data.num_train", 0), ("data.num_eval", 0), ("data.height", 1), ("data.width", 1),
+    ("data.max_caption_chars", 1), ("data.max_image_pixels", 0), ("data.num_train", 0), ("data.num_eval", 0),
+    ("data.height", 1), ("data.width", 1),
     ("model.dim", 1), ("model.depth", 1), ("model.heads", 1), ("model.patch", 1), ("model.mlp_ratio", 0.0)]
 
 
