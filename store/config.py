@@ -201,7 +201,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_every: int = 500
     log_every: int = 50
-    max_minutes: float | None = None  # stop early (and checkpoint) after this many minutes of training (in-training scoring not counted)
+    # stop early (and checkpoint) after this many minutes of training; in-training scoring is not
+    # counted, and a resume goes on from the checkpoint's minutes (train/progress.py: TrainingTimeCap)
+    max_minutes: float | None = None
     # start from another run's exported EMA weights (its run folder or checkpoints folder, or a
     # URI): a fine-tune or a curriculum's next stage. Fresh optimizer, schedule and EMA warm-up;
     # the model must build the same. A run that resumes from its own last.ckpt ignores it

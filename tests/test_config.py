@@ -204,3 +204,15 @@ def test_the_long_recipe_is_the_relation_curriculum_as_measured():
     assert read.train.repeat_kinds == {"single": 0, "two_objects": 0, "counting": 0, "attributes": 0}
     assert polish.train.repeat_kinds == {"single": 1, "two_objects": 1, "counting": 1, "attributes": 1, "relation": 3}
     assert read.data.mirror == ["horizontal", "vertical"] and polish.run_dir == "runs/long"
+
+
+def test_the_config_reference_is_generated_from_the_dataclasses_and_current():
+    """docs/CONFIG.md: `python -m store.config_doc > docs/CONFIG.md` after changing store/config.py."""
+    from pathlib import Path
+
+    from store.config_doc import render
+
+    text = render()
+    assert "| `train.precision` |" in text and "| `encoders[].layer` |" in text
+    written = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert written == text, "docs/CONFIG.md is stale: run python -m store.config_doc > docs/CONFIG.md"
