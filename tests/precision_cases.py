@@ -48,10 +48,10 @@ class GradNorms(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         def record(optimizer, args, kwargs) -> None:
-            grads = [p.grad.float().norm() for group in optimizer.param_groups for p in group["params"]
-                     if p.grad is not None]
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads:
-                self.norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+                total = torch.nn.utils.get_total_norm(grads)  # sharded (fsdp): a DTensor over the shards
+                self.norms.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
 
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(record)
@@ -75,6 +75,7 @@ def case_config(raw: dict, case: dict, out: Path, world: int) -> Config:
     precision = "32-true" if case["precision"] == FP16_SCALED else case["precision"]
     raw["train"].update(steps=case["steps"], batch_size=8, devices=world, accelerator="cpu", precision=precision,
                         adamw_kernel=case["kernel"], optimizer=case["optimizer"], grad_clip=case["clip"],
+                        strategy=case.get("strategy", "auto"),
                         warmup_steps=1, lr=3e-3, caption_dropout=0.0, checkpoint_every=1000, eval_every=0)
     config = build(Config, raw, "")
     validate(config)

@@ -48,6 +48,11 @@ def case_name(precision: str, kernel: str, optimizer: str, clip: float) -> str:
 
 CASES = [dict(name=case_name(*c), precision=c[0], kernel=c[1], optimizer=c[2], clip=c[3], steps=STEPS)
          for c in itertools.product(PRECISIONS, KERNELS, OPTIMIZERS, CLIPS)]
+# train.strategy fsdp (FSDP2 over the processes): on 2 processes; muon and the fused kernel are
+# refused with it when the config is read
+FSDP_CASES = [dict(name="fsdp-" + case_name(*c), precision=c[0], kernel=c[1], optimizer=c[2], clip=c[3],
+                   steps=STEPS, strategy="fsdp")
+              for c in itertools.product(("32-true", "bf16-mixed"), KERNELS, OPTIMIZERS, CLIPS)]
 START = dict(name="start", precision="32-true", kernel="auto", optimizer="adamw", clip=0.0, steps=0)
 
 
@@ -60,7 +65,8 @@ def matrix(tiny_cache, tmp_path_factory) -> dict[int, Path]:
     running = {}
     for world in WORLDS:
         spec = base / f"cases-{world}.json"
-        spec.write_text(json.dumps({"world": world, "raw": tiny_cache, "cases": [START, *CASES]}))
+        cases = [START, *CASES, *(FSDP_CASES if world > 1 else [])]
+        spec.write_text(json.dumps({"world": world, "raw": tiny_cache, "cases": cases}))
         port = free_ports(1)[0]
         for rank in range(world):
             rank_env = dict(env, LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world),
@@ -92,7 +98,22 @@ def result(folder: Path, name: str) -> dict:
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_every_precision_trains_with_every_optimizer_setting(matrix, case, world):
-    found = result(matrix[world], case["name"])
+    check(result(matrix[world], case["name"]), case, result(matrix[world], "start")["fixed_loss"])
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=[c["name"] for c in FSDP_CASES])
+def test_fsdp_trains_with_every_precision_and_clipping_or_refuses_by_name(matrix, case):
+    found = result(matrix[2], case["name"])
+    if case["optimizer"] == "muon":
+        assert "train.optimizer=muon with train.strategy=fsdp" in found.get("refused", ""), found
+    elif case["kernel"] == "fused":
+        assert "train.adamw_kernel=fused with train.strategy=fsdp" in found.get("refused", ""), found
+    else:
+        check(found, case, result(matrix[2], "start")["fixed_loss"])
+
+
+def check(found: dict, case: dict, start: float) -> None:
+    """A finite, falling loss and gradients clipped where asked; or 16-mixed's refusal on a CPU."""
     if case["precision"] == "16-mixed":  # on a CPU Lightning would train bf16-mixed instead, silently
         assert "refused" in found, found
         assert "train.precision=16-mixed needs a GPU" in found["refused"]
@@ -100,7 +121,6 @@ def test_every_precision_trains_with_every_optimizer_setting(matrix, case, world
     assert "refused" not in found, found["refused"]
     assert found["steps"] == STEPS and found["precision"] == case["precision"]
     assert len(found["losses"]) == STEPS and all(math.isfinite(x) for x in found["losses"])
-    start = result(matrix[world], "start")["fixed_loss"]
     assert math.isfinite(found["fixed_loss"]) and found["fixed_loss"] < 0.95 * start, (found["fixed_loss"], start)
     norms = [n for n in found["norms"] if math.isfinite(n)]  # a scaler's skipped step has no finite norm
     assert len(norms) >= STEPS - 2, found["norms"]

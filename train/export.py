@@ -30,16 +30,18 @@ class ExportError(FileNotFoundError):
 
 
 def export(module, reader: CacheReader, out_dir: str | Path, step: int,
-           runtime: dict | None = None) -> Path | RemotePath:
+           runtime: dict | None = None, states: dict[str, dict] | None = None) -> Path | RemotePath:
     """Write the module's raw and EMA weights, its build arguments and the text constants.
 
     `out_dir` is a folder or an object-store URI; model.json goes last, so a reader that
     finds it finds the weights too. `runtime`: how the run ran (the resolved precision,
-    the hardware), recorded as is."""
+    the hardware), recorded as is. `states`: the weights, whole ({"model", "ema"}: a sharded
+    module's `full_state_dicts()`); None reads them from the module."""
     out = location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, net in (("model", module.model), ("ema", module.ema)):
-        state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    states = states or {"model": module.model.state_dict(), "ema": module.ema.state_dict()}
+    for name in ("model", "ema"):
+        state = {k: v.detach().float().contiguous().cpu() for k, v in states[name].items()}
         data = save(state)
         if name == "ema":
             ema_sha256 = hashlib.sha256(data).hexdigest()

@@ -37,11 +37,38 @@ class LIDiTModule(L.LightningModule):
         self.objective = objective_from_config(self.config.train)
 
     def configure_model(self) -> None:
-        """Compile the trained model in place when train.compile asks (its state_dict keys stay
-        as they are, so checkpoints and exports do not change); the EMA copy stays eager."""
+        """Shard the model and its EMA copy when train.strategy is fsdp, then compile the
+        trained model in place when train.compile asks (its state_dict keys stay as they are,
+        so checkpoints and exports do not change); the EMA copy stays eager.
+
+        FSDP2 (torch's fully_shard) over the data-parallel mesh of Lightning's
+        ModelParallelStrategy: each LI-DiT block is a unit of its own (its weights are gathered
+        just before it runs and freed after), and the rest of each network is one more. The EMA
+        copy is sharded the same way, so every process holds 1/N of it too and the EMA update
+        runs shard by shard."""
+        if self.config.train.strategy == "fsdp" and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for net in (self.model, self.ema):
+                for block in net.dit.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(net, mesh=mesh)
+            self._sharded = True
         if self.config.train.compile != "off" and not getattr(self, "_compiled", False):
             self.model.compile(mode=self.config.train.compile, dynamic=False)
             self._compiled = True
+
+    def full_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{"model": ..., "ema": ...}: every weight whole, on the CPU. Sharded (fsdp), this
+        gathers the shards: a collective every process must call."""
+        if not getattr(self, "_sharded", False):
+            return {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {name: get_model_state_dict(net, options=options)
+                for name, net in (("model", self.model), ("ema", self.ema))}
 
     def forward(self, x, t, features, masks):
         return self.model(x, t, features, masks)
@@ -87,7 +114,14 @@ class LIDiTModule(L.LightningModule):
         # Warm the EMA up: early on, an average over a few steps beats a stale init.
         decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
         # one fused call over all tensors: a per-parameter loop is ~100 kernel launches on a GPU
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        # sharded (fsdp), each process updates its own shards: both copies are sharded alike,
+        # once FSDP has freed the whole weights a root may still hold after its forward (the
+        # model's in training, the EMA's after an in-training evaluation)
+        if getattr(self, "_sharded", False):
+            self.model.reshard()
+            self.ema.reshard()
+        ema = [local(p) for p in self.ema.parameters()]
+        torch._foreach_lerp_(ema, [local(p.detach()) for p in self.model.parameters()], 1.0 - decay)
 
     def configure_optimizers(self):
         train = self.config.train
@@ -114,6 +148,11 @@ class LIDiTModule(L.LightningModule):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this process (a view: writing to it writes the DTensor), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def lr_factor(train, step: int) -> float:

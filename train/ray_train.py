@@ -19,14 +19,37 @@ import sys
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the same run_train as `python -m train`, with train.strategy's
+    Lightning strategy (DDP, or FSDP2 for fsdp) over the Ray workers."""
+    import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from store.config import config_from_dict
     from train.run import run_train
 
     config = config_from_dict(loop_config["config"])
-    run_train(config, fresh=loop_config["fresh"], progress=loop_config["progress"], prepare=prepare_trainer,
-              devices="auto", accelerator="auto", strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()])
+    if config.train.strategy == "fsdp":
+        strategy, prepare = ray_sharded_strategy(ray.train.get_context().get_world_size()), None
+    else:
+        strategy, prepare = RayDDPStrategy(), prepare_trainer
+    run_train(config, fresh=loop_config["fresh"], progress=loop_config["progress"], prepare=prepare,
+              devices="auto", accelerator="auto", strategy=strategy, plugins=[RayLightningEnvironment()])
+
+
+def ray_sharded_strategy(workers: int):
+    """train.strategy fsdp on Ray Train workers: train/run.py's sharded strategy, each worker
+    one data-parallel shard on the device Ray gave it (Ray's prepare_trainer knows DDP, FSDP1
+    and DeepSpeed only, so it is not called; RayLightningEnvironment gives the ranks)."""
+    import ray.train.torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class RayModelParallelStrategy(ModelParallelStrategy):
+        @property
+        def root_device(self):
+            return ray.train.torch.get_device()
+
+    return RayModelParallelStrategy(data_parallel_size=workers, tensor_parallel_size=1,
+                                    save_distributed_checkpoint=False)
 
 
 def ray_storage(config) -> str:

@@ -58,9 +58,6 @@ def check_combination(config: Config, precision: str, hardware: Hardware) -> Non
         raise ConfigError("train.precision=16-mixed needs a GPU: on a CPU (train.accelerator "
                           f"{train.accelerator!r} runs on {hardware.describe()}) Lightning would train in "
                           "bf16-mixed instead without a word; use bf16-mixed, 32-true or auto")
-    if hardware.device == "cpu" and train.strategy == "fsdp":
-        raise ConfigError(f"train.strategy=fsdp needs a GPU (train.accelerator {train.accelerator!r} runs on "
-                          f"{hardware.describe()}); use train.strategy=auto or ddp")
 
 
 # what decides the stream of batches: a resume with other values works, but no longer
@@ -137,6 +134,17 @@ class ResumingCSVLogger(CSVLogger):
         return self._experiment
 
 
+def sharded_strategy(processes: int | str, **kwargs) -> L.pytorch.strategies.ModelParallelStrategy:
+    """train.strategy fsdp: Lightning's ModelParallelStrategy, every process a data-parallel
+    shard (no tensor parallelism). Checkpoints are whole (gathered to rank 0, one file, as
+    under DDP): they resume on any number of processes, and `check_resumable` reads them;
+    the optimizer state is gathered too, so one is about 16 bytes a parameter."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False, **kwargs)
+
+
 def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True,
                  reader: CacheReader | None = None, resume_step: int | None = None, **overrides) -> L.Trainer:
     """The Trainer for `config`; `overrides` replace its arguments. `precision` "auto" resolves here.
@@ -146,6 +154,8 @@ def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bo
     precision, hardware = resolve_precision(config, overrides.get("accelerator"))
     processes = train_processes(train.devices, train.batch_size, hardware)
     strategy = "ddp" if processes > 1 and train.strategy == "auto" else train.strategy
+    if strategy == "fsdp":  # FSDP2 (LIDiTModule.configure_model shards); it trains on CPU processes too
+        strategy = sharded_strategy(processes)
     # the scores and curves as it trains, and the cap on minutes of training (scoring not counted)
     watchers: list[L.Callback] = [TrainingProgress(config, reader)] if reader is not None else []
     if train.max_minutes:
@@ -214,11 +224,12 @@ def run_train(config: Config, fresh: bool = False, progress: bool = True,
     # A full checkpoint (optimizer state: resumable). Under DDP it is a collective that
     # every rank must call; rank 0 writes it.
     trainer.save_checkpoint(str(resume), weights_only=False)
+    states = module.full_state_dicts()  # sharded: a collective, on every rank
     if trainer.global_rank == 0:
         runtime = {"train_precision": precision, "hardware": hardware.describe()}
         if config.train.init_from:  # which weights it started from: a curriculum's stage after them
             runtime["init_from_ema_sha256"] = ema_digest(config.train.init_from)  # is stale once they change
-        export(module, reader, checkpoint_dir, trainer.global_step, runtime=runtime)
+        export(module, reader, checkpoint_dir, trainer.global_step, runtime=runtime, states=states)
     progress_callback = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
     losses = trainer.logged_metrics
     return {"rank": trainer.global_rank, "steps": trainer.global_step, "seconds": time.time() - started, "checkpoints": str(checkpoint_dir),
