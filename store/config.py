@@ -186,6 +186,9 @@ class TrainConfig:
     # Lightning precision; "auto": bf16-mixed on a bf16 GPU, 16-mixed on an older GPU, 32-true on
     # every CPU (store/hardware.py: train_precision). 16-mixed needs a GPU
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    # "ddp" (every process holds the whole model), or "fsdp": FSDP2, the weights, gradients,
+    # optimizer state and EMA split over the processes (LIDiTModule.configure_model); "auto": ddp
+    # when there are several processes
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     # processes (DDP) sharing each batch; "auto": one per GPU, or on a CPU one per core up to
     # one per 8 rows of the batch (store/hardware.py: train_processes)
