@@ -18,6 +18,10 @@ caption added to every token's scale and shift.
 `pos_conv="separable"` (config `model.pos_conv`, not in the paper) makes each of the position
 ResBlock's two 3x3 convolutions depthwise-separable: about a ninth of their multiply-adds, which
 in the default model are 16% of the forward pass.
+`activation_checkpointing=True` (config `train.activation_checkpointing`) runs each block under
+`torch.utils.checkpoint` while training: the forward keeps only the blocks' inputs and the
+backward recomputes one block at a time, the same values for one more forward of the blocks
+(train/plan.py counts the bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from train.layers import (AdaLNZero, Attention, Mlp, TimestepEmbedder, masked_mean, modulate, rope_2d,
                           rope_quarter, sincos_2d)
@@ -162,8 +167,10 @@ class LIDiT(nn.Module):
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False,
-                 abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense"):
+                 abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense",
+                 activation_checkpointing: bool = False):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if rope:
             rope_quarter(dim // heads)  # refuse a head width the rotary embedding cannot split, at build time
         if abs_pos:
@@ -212,7 +219,11 @@ class LIDiT(nn.Module):
         if self.text_pool is not None:
             c = c + self.text_pool(masked_mean(cond, cond_mask))
         rope = rope_2d(h, w, self.head_dim, device=x.device) if self.rope else None  # 2 x [N, Dh]
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c, cond, cond_mask, (h, w), rope)  # [B, N, D]
+            if checkpointed:  # keep the block's inputs only; its activations are recomputed in backward
+                x = checkpoint(block, x, c, cond, cond_mask, (h, w), rope, use_reentrant=False)  # [B, N, D]
+            else:
+                x = block(x, c, cond, cond_mask, (h, w), rope)  # [B, N, D]
         x = self.final_layer(x, c)  # [B, N, p * p * C_out]
         return self.unpatchify(x, h, w)  # [B, C_out, H, W]

@@ -28,6 +28,8 @@ class TextToImageModel(nn.Module):
     """features of the frozen encoders + noisy latents x_t + t -> the objective's prediction.
 
     encoders: per frozen encoder (feature width, number of instruction tokens before the caption).
+    activation_checkpointing: recompute LI-DiT's blocks in the backward pass (config
+    `train.activation_checkpointing`; a way of training, so not part of `build_kwargs`).
     """
 
     def __init__(self, encoders: list[tuple[int, int]], in_channels: int, patch: int, dim: int, depth: int,
@@ -35,7 +37,8 @@ class TextToImageModel(nn.Module):
                  fusion: str = "collaborative", gate: bool = True, causal: bool = False,
                  backend: str = "sdpa", feature_norm: str = "none", collab_condition: str = "branch",
                  mlp_conv: bool = False, rope: bool = False, prediction: str = "velocity",
-                 abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense"):
+                 abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense",
+                 activation_checkpointing: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTIONS)}")
@@ -43,7 +46,8 @@ class TextToImageModel(nn.Module):
         self.diffuser = LLMInfusedDiffuser(encoders, dim, heads, refiner_depth, collab_depth, fusion, gate, causal,
                                            backend, feature_norm, collab_condition)
         self.dit = LIDiT(in_channels, patch, dim, depth, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv,
-                         rope=rope, abs_pos=abs_pos, pooled_text=pooled_text, pos_conv=pos_conv)
+                         rope=rope, abs_pos=abs_pos, pooled_text=pooled_text, pos_conv=pos_conv,
+                         activation_checkpointing=activation_checkpointing)
         self.initialize_weights()
 
     @torch.no_grad()

@@ -17,8 +17,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from store.config import Config, config_from_dict
 from train.diffusion import objective_from_config
+from train.lidit import LIDiTBlock
 from train.model import TextToImageModel, build_kwargs
 from train.optim import build_optimizer
+from train.refiner import CollaborativeRefinerBlock, LanguageTokenRefinerBlock
 
 
 class LIDiTModule(L.LightningModule):
@@ -32,7 +34,8 @@ class LIDiTModule(L.LightningModule):
         names = self.config.model.encoders or [e["name"] for e in cache_meta["encoders"]]
         self.encoder_names = list(names)
         self.kwargs = build_kwargs(self.config.model, [by_name[n] for n in names], cache_meta["codec"])
-        self.model = TextToImageModel(**self.kwargs)
+        # activation checkpointing is a way of training, not part of what the model is (build_kwargs)
+        self.model = TextToImageModel(**self.kwargs, activation_checkpointing=self.config.train.activation_checkpointing)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.objective = objective_from_config(self.config.train)
 
@@ -42,16 +45,18 @@ class LIDiTModule(L.LightningModule):
         so checkpoints and exports do not change); the EMA copy stays eager.
 
         FSDP2 (torch's fully_shard) over the data-parallel mesh of Lightning's
-        ModelParallelStrategy: each LI-DiT block is a unit of its own (its weights are gathered
-        just before it runs and freed after), and the rest of each network is one more. The EMA
+        ModelParallelStrategy: each LI-DiT, refiner and collaborative block is a unit of its own
+        (its weights are gathered just before it runs and freed after), and the rest of each
+        network is one more (train/plan.py counts memory the same way). The EMA
         copy is sharded the same way, so every process holds 1/N of it too and the EMA update
         runs shard by shard."""
         if self.config.train.strategy == "fsdp" and not getattr(self, "_sharded", False):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
+            blocks = (LIDiTBlock, LanguageTokenRefinerBlock, CollaborativeRefinerBlock)
             for net in (self.model, self.ema):
-                for block in net.dit.blocks:
+                for block in [m for m in net.modules() if isinstance(m, blocks)]:
                     fully_shard(block, mesh=mesh)
                 fully_shard(net, mesh=mesh)
             self._sharded = True
