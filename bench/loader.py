@@ -31,7 +31,6 @@ import json
 import os
 import pstats
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import torch  # noqa: E402
 from bench.synthetic_cache import write_synthetic_cache  # noqa: E402
 from store.config import Config, load_config  # noqa: E402
 from store.hardware import cpu_model  # noqa: E402
+from store.storage import start_local_s3  # noqa: E402
 from train.data import CacheDataModule, CachedBatches  # noqa: E402
 
 PAPER_CONFIG = "configs/lidit-1b.yaml"
@@ -100,22 +100,7 @@ def profile(config: Config, batches: int) -> dict:
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on a free loopback port, its storage settings in this process's environment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_local_s3()
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
     import boto3

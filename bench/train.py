@@ -242,12 +242,17 @@ def train_command_seconds(config_path: str, devices: str, steps: int, out: Path,
 
 def processes_samples_per_s(config_path: str, devices: str, steps: int, warmup: int, batch: int,
                             overrides: tuple = ()) -> float:
-    """samples/s of the training command: a run of warmup + steps steps less one of warmup steps,
-    so start-up, the DDP launch, checkpoint and export cancel out."""
+    """samples/s of the training command over its steps after the first `warmup`, read from the
+    run's own clock (logs/curves.json: the wall time of every 5th step), so start-up, the DDP
+    launch, checkpoint and export stay out of it. (Timing a short run and a long one and taking
+    the difference moved by +-30% between two runs of the same command on a 2-core machine.)"""
     with tempfile.TemporaryDirectory() as out:
-        short = train_command_seconds(config_path, devices, warmup, Path(out) / "short", overrides)
-        long = train_command_seconds(config_path, devices, warmup + steps, Path(out) / "long", overrides)
-    return steps * batch / (long - short)
+        run = Path(out) / "run"
+        train_command_seconds(config_path, devices, warmup + steps, run, (*overrides, "train.log_every=5"))
+        walls = [(step, wall) for step, wall, _ in json.loads((run / "logs" / "curves.json").read_text())["loss"]
+                 if step >= warmup]
+    (first, start), (last, end) = walls[0], walls[-1]
+    return (last - first) * batch / (end - start)
 
 
 # -- 3. FLOP estimate for lidit-1b --------------------------------------------------------------
@@ -328,13 +333,13 @@ def parts_1_to_5(args, config: Config, cached: dict, report, results: dict) -> N
 
 def precision_part(args, config: Config, report, results: dict) -> None:
     """5. train.precision "auto" against each fixed choice, timed as it trains: `python -m train`
-    with the config's train.devices (DDP processes on a CPU), over a run of --warmup steps. auto
+    with the config's train.devices (DDP processes on a CPU), after --warmup steps. auto
     and the fixed value it resolves to are the same computation, so their ratio is 1 but for
     noise: the runs alternate in rotating order and each label keeps its best of --precision-repeats."""
     hardware = detect("auto")
     batch = config.train.batch_size
     print(f"5. precision on {hardware.describe()}; auto resolves to {train_precision('auto', hardware)}; "
-          f"`python -m train`, train.devices={config.train.devices}, {args.precision_steps} steps over a run of "
+          f"`python -m train`, train.devices={config.train.devices}, {args.precision_steps} steps after "
           f"{args.warmup}, best of {args.precision_repeats}")
     best: dict[str, float] = {}
     for round_ in range(args.precision_repeats):
@@ -373,7 +378,7 @@ def main() -> int:
         parser.error("--steps and --warmup must be >= 1")
     os.chdir(ROOT)  # configs and run folders are relative to the repository
     setup_process()
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides if args.precision_only else [])
     if not (config.cache_path / "meta.json").is_file():
         print(f"bench/train.py: no cache at {config.cache_path}; run make embed first", file=sys.stderr)
         return 2
@@ -389,7 +394,7 @@ def main() -> int:
           f"{args.steps} steps after {args.warmup} warm-up, {results['threads']} threads, "
           f"precision {config.train.precision}")
     if args.precision_only:
-        precision_part(args, load_config(args.config, args.overrides), report, results)
+        precision_part(args, config, report, results)
         if args.json:
             print(json.dumps(results))
         return 0
@@ -411,7 +416,7 @@ def main() -> int:
 
     processes = train_processes(config.train.devices, batch, resolve_precision(config)[1])
     print(f"7. `python -m train` with train.devices=1 and ={config.train.devices} ({processes} processes here), "
-          f"{args.process_steps} steps over a run of {args.warmup}, alternating, best of {args.process_repeats}:")
+          f"{args.process_steps} steps after {args.warmup}, alternating, best of {args.process_repeats}:")
     speeds: dict[str, float] = {}
     for round_ in range(args.process_repeats):
         for devices in rotated(("1", str(config.train.devices)), round_):

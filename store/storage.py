@@ -136,3 +136,29 @@ def write_atomic(path, data: bytes) -> None:
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
     staging.write_bytes(data)
     staging.replace(path)
+
+
+def start_local_s3(timeout: float = 30.0):
+    """(process, endpoint URL): moto's S3 server on a free loopback port, once it answers; for
+    the tests and benchmarks that need an object store on this machine (`pip install
+    'moto[server]'`). The caller kills the process."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.2)

@@ -250,30 +250,12 @@ def s3():
     """A real S3 API on loopback: moto's server mode, with a bucket "lidit". The storage
     variables are set in this process's environment (as `storage:` would set them) and
     restored after; yields the endpoint URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
     pytest.importorskip("moto")
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.2)
+    from store.storage import start_local_s3
+
+    server, endpoint = start_local_s3()
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "lidit-test-key",
            "AWS_SECRET_ACCESS_KEY": "lidit-test-secret", "AWS_REGION": "us-east-1",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}

@@ -58,12 +58,17 @@ def export(module, reader: CacheReader, out_dir: str | Path, step: int,
     return out
 
 
+# TextToImageModel's arguments that change how it trains, not the model (train/module.py passes them)
+TRAINING_ONLY = ("activation_checkpointing",)
+
+
 def build_args(info: dict) -> dict:
     """An exported model's build arguments (model.json's "build", JSON types). A key the
     export lacks is a switch added since, set as the model was built before it existed: the
-    model's default, except collab_condition, which was the mean."""
+    model's default, except collab_condition, which was the mean. How a model trains
+    (TRAINING_ONLY) is not part of what it is, so it is left out."""
     defaults = {k: p.default for k, p in inspect.signature(TextToImageModel).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+                if p.default is not inspect.Parameter.empty and k not in TRAINING_ONLY}
     return {**defaults, "collab_condition": "mean", **info["build"]}
 
 

@@ -125,12 +125,13 @@ class TrainingProgress(L.Callback):
         s = self.config.sample
         e = self.eval_set
         steps = self.config.train.eval_steps or s.steps
-        images = generate(e["live"], e["captions"], steps=steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval,
-                          solver=s.solver, seed=s.seed, height=world["height"], width=world["width"],
-                          batch_size=max(s.batch_size, len(e["captions"])), first_index=e["first"], progress=False,
-                          text=e["text"], codec=e["codec"],
-                          precision=s.precision) if e["captions"] else np.zeros((0, world["height"], world["width"], 3),
-                                                                                dtype=np.uint8)
+        images = np.zeros((0, world["height"], world["width"], 3), dtype=np.uint8)  # more processes than rows
+        if e["captions"]:
+            images = generate(e["live"], e["captions"], steps=steps, cfg_scale=s.cfg_scale,
+                              cfg_interval=s.cfg_interval, solver=s.solver, seed=s.seed, height=world["height"],
+                              width=world["width"], batch_size=max(s.batch_size, len(e["captions"])),
+                              first_index=e["first"], progress=False, text=e["text"], codec=e["codec"],
+                              precision=s.precision)
         scenes = e["scenes"]
         if trainer.world_size > 1:  # rank 0 scores every process's share
             shares = [None] * trainer.world_size
