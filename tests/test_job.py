@@ -257,13 +257,18 @@ def test_manifest_jsonl_and_parquet_sources_embed_their_rows(tmp_path, llama_dir
     assert {r["caption"] for r in kept if r["id"] == "j1"} == {"a red square 1"}
     assert run_embed(config, progress=False).skipped == 6  # a rerun: every entry committed, the repeat too
 
-    pq.write_table(pa.table({"image": [str(images / "0.png")], "caption": ["a wide red square"]}),
+    # the parquet form, with a huge image and a repeated id among its rows
+    Image.new("L", (20_000, 10_000), 128).save(images / "bomb.png", optimize=True)
+    pq.write_table(pa.table({"id": ["p0", "p1", "p0"], "image": [str(images / "0.png"), str(images / "bomb.png"),
+                                                                str(images / "1.png")],
+                             "caption": ["a wide red square", "a huge grey image", "the same id again"]}),
                    tmp_path / "pairs.parquet")
     raw = raw_config(tmp_path, llama_dir, source="manifest", path=tmp_path / "pairs.parquet")
     raw["run_dir"] = str(tmp_path / "run-parquet")
-    table = None
-    assert run_embed(make_config(raw), progress=False).written == 1
+    summary = run_embed(make_config(raw), progress=False)
+    assert summary.written == 1 and summary.reasons == {"image too large": 1, "duplicate id": 1}
     table = lance.dataset(str(tmp_path / "run-parquet" / "cache" / "samples.lance")).to_table()
+    assert table.column("id").to_pylist() == ["p0"] and table.column("caption").to_pylist() == ["a wide red square"]
     assert table.column("bucket").to_pylist() == [1]  # 48x32 is nearer the 32x48 bucket's ratio
 
 
