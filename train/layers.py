@@ -153,8 +153,7 @@ class Attention(nn.Module):
     embedding of the query/key positions (`rope_2d`), applied after QK-norm.
     """
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool = True, context_dim: int | None = None,
-                 backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "sdpa"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention: dim={dim} is not divisible by heads={heads}")
@@ -168,8 +167,8 @@ class Attention(nn.Module):
         self.backend = backend
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

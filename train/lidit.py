@@ -111,13 +111,12 @@ class LIDiTBlock(nn.Module):
     zero-initialised, so every gate starts at 0 and the block is the identity at init.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
-                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa", mlp_conv: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm, backend=backend)
+        self.attn = Attention(dim, heads, backend=backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = Attention(dim, heads, qk_norm, context_dim=text_dim, backend=backend)
+        self.cross_attn = Attention(dim, heads, backend=backend)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio, conv=mlp_conv)
         self.adaLN = AdaLNZero(dim, 9)
@@ -159,14 +158,14 @@ class FinalLayer(nn.Module):
 class LIDiT(nn.Module):
     """Diffusion transformer conditioned on a text token sequence (the LLM-infused Diffuser's output).
 
-    text_dim: width of the condition tokens (None: dim). The modulation input is
+    The condition tokens are `dim` wide (the refiners' output). The modulation input is
     c = t_emb + Linear(masked_mean(cond)): timestep and pooled text, as in the paper
     (pooled_text=False: c = t_emb).
     Owns the TimestepEmbedder; `timestep_embedding(t)` lends it to the refiners.
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 text_dim: int | None = None, backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False,
+                 backend: str = "sdpa", mlp_conv: bool = False, rope: bool = False,
                  abs_pos: bool = False, pooled_text: bool = True, pos_conv: str = "dense",
                  activation_checkpointing: bool = False):
         super().__init__()
@@ -184,9 +183,9 @@ class LIDiT(nn.Module):
         self.x_embedder = PatchEmbed(in_channels, dim, patch)
         self.pos_embed = ConvPositionEmbedding(dim, pos_conv)
         self.t_embedder = TimestepEmbedder(dim)
-        self.text_pool = nn.Linear(text_dim or dim, dim) if pooled_text else None
+        self.text_pool = nn.Linear(dim, dim) if pooled_text else None
         self.blocks = nn.ModuleList([
-            LIDiTBlock(dim, heads, mlp_ratio, text_dim=text_dim, backend=backend, mlp_conv=mlp_conv)
+            LIDiTBlock(dim, heads, mlp_ratio, backend=backend, mlp_conv=mlp_conv)
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(dim, patch, self.out_channels)
