@@ -46,7 +46,6 @@ class Hardware:
     native_bf16: bool
     fp16_ok: bool  # fp16 autocast is fast here (CUDA)
     capability: str  # what decided it, for the run's log and metadata
-    amx: bool = False  # a CPU's AMX tiles, usable (not capped by the ISA caps above)
 
     def describe(self) -> str:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
@@ -87,9 +86,7 @@ def cpu_hardware(flags: set[str], env: dict[str, str], name: str = "cpu") -> Har
         caps.append(f"ATEN_CPU_CAPABILITY={aten}")
     if caps:
         capability += f", capped by {' '.join(caps)}"
-    amx_capped = onednn in _ONEDNN_ISAS and _ONEDNN_ISAS.index(onednn) < _ONEDNN_ISAS.index("AVX10_1_512_AMX")
-    return Hardware("cpu", name, native_bf16=bool(have) and not caps, fp16_ok=False, capability=capability,
-                    amx="amx_bf16" in flags and not caps and not amx_capped)
+    return Hardware("cpu", name, native_bf16=bool(have) and not caps, fp16_ok=False, capability=capability)
 
 
 def cuda_hardware(name: str, bf16_supported: bool, compute_capability: tuple[int, int]) -> Hardware:

@@ -147,6 +147,18 @@ def make_gemma3_multimodal_model(folder: Path) -> Path:
     return folder
 
 
+def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:
+    """The objective's loss on fixed noise and timesteps: comparable across checkpoints."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    x_t, t, target = objective.sample_training(batch["latents"], generator)
+    features = [batch["text"][n].states for n in encoders]
+    masks = [batch["text"][n].mask for n in encoders]
+    with torch.no_grad():
+        return objective.loss(model(x_t, t, features, masks), target).item()
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct loopback ports free right now (another Ray on this machine holds the defaults)."""
     import socket

@@ -33,6 +33,7 @@ from store.config import Config, ConfigError, build, validate  # noqa: E402
 from store.reader import CacheReader  # noqa: E402
 from train.export import load_exported  # noqa: E402
 from train.run import run_train  # noqa: E402
+from tests.conftest import fixed_draw_loss  # noqa: E402
 
 # The GPU's 16-mixed (autocast to float16 and a grad scaler), run on the CPU through the
 # plugin Lightning builds for it on a GPU: train.precision=16-mixed itself is refused on a CPU.
@@ -55,17 +56,6 @@ class GradNorms(L.Callback):
 
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(record)
-
-
-def fixed_draw_loss(checkpoints: Path, batch: dict) -> float:
-    """The live (not EMA) weights' loss on fixed noise and times, in fp32."""
-    exported = load_exported(checkpoints, ema=False)
-    x_t, t, target = exported.objective.sample_training(batch["latents"], torch.Generator().manual_seed(0))
-    names = [e["name"] for e in exported.encoders]
-    with torch.no_grad():
-        prediction = exported.model(x_t, t, [batch["text"][n].states for n in names],
-                                    [batch["text"][n].mask for n in names])
-        return exported.objective.loss(prediction, target).item()
 
 
 def case_config(raw: dict, case: dict, out: Path, world: int) -> Config:
@@ -108,7 +98,9 @@ def run_case(raw: dict, case: dict, out: Path, world: int, batch: dict) -> dict:
         metrics = config.run_path / "logs" / "metrics.csv"  # none after 0 steps
         logged = pd.read_csv(metrics).dropna(subset=["train/loss"]) if metrics.is_file() else {"train/loss": []}
         result["losses"] = list(logged["train/loss"])
-        result["fixed_loss"] = fixed_draw_loss(config.run_path / "checkpoints", batch)
+        trained = load_exported(config.run_path / "checkpoints", ema=False)  # the live weights, not the EMA
+        result["fixed_loss"] = fixed_draw_loss(trained.model, trained.objective, batch,
+                                               [e["name"] for e in trained.encoders])
     return result
 
 

@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 from store.config import Config, ConfigError, build, validate
 from store.reader import CacheError
+from tests.conftest import fixed_draw_loss
 from train.run import check_resumable, run_train
 from train.data import BucketBatchSampler, share
 from train.export import load_exported
@@ -95,16 +96,6 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_pat
                                                     train={"optimizer": optimizer, "batch_size": 2 * batch}))
     assert step == 8 and stream == [f"train.batch_size: {batch} in the checkpoint, {2 * batch} now"]
     assert check_resumable(last, resumed) == (8, [])
-
-
-def fixed_draw_loss(model, objective, batch, encoders, seed=0) -> float:
-    """The objective's loss on fixed noise and timesteps: comparable across checkpoints."""
-    generator = torch.Generator().manual_seed(seed)
-    x_t, t, target = objective.sample_training(batch["latents"], generator)
-    features = [batch["text"][n].states for n in encoders]
-    masks = [batch["text"][n].mask for n in encoders]
-    with torch.no_grad():
-        return objective.loss(model(x_t, t, features, masks), target).item()
 
 
 @pytest.mark.parametrize(("prediction", "optimizer"), [("velocity", "adamw"), ("sample", "adamw"),

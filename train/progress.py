@@ -58,6 +58,7 @@ class TrainingProgress(L.Callback):
         self.started = self.offset = 0.0
         self.eval_set = None
         self.eval_seconds = 0.0  # spent evaluating, in this process: not training time (TrainingTimeCap)
+        self.scored_step: int | None = None  # the step last evaluated
         self.last_table: str | None = None  # the last evaluation's ShapeEval table, for the summary
 
     # -- the record ---------------------------------------------------------------------
@@ -85,11 +86,11 @@ class TrainingProgress(L.Callback):
             self.history["loss"].append([step, round(self._wall(), 2), float(loss)])
         if self.scores and step % self.config.train.eval_every == 0:
             self._evaluate(trainer, module, step)
-            self._evaluated = step
+            self.scored_step = step
 
     def on_train_end(self, trainer, module) -> None:
         step = trainer.global_step
-        if self.scores and getattr(self, "_evaluated", None) != step:  # every rank: it samples its share
+        if self.scores and self.scored_step != step:  # every rank: it samples its share
             self._evaluate(trainer, module, step)
         if trainer.global_rank == 0:
             self._save()

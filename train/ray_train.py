@@ -43,13 +43,14 @@ def ray_sharded_strategy(workers: int):
     import ray.train.torch
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from train.run import sharded_strategy
+
     class RayModelParallelStrategy(ModelParallelStrategy):
         @property
         def root_device(self):
             return ray.train.torch.get_device()
 
-    return RayModelParallelStrategy(data_parallel_size=workers, tensor_parallel_size=1,
-                                    save_distributed_checkpoint=False)
+    return sharded_strategy(workers, RayModelParallelStrategy)
 
 
 def ray_storage(config) -> str:

@@ -134,15 +134,16 @@ class ResumingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def sharded_strategy(processes: int | str, **kwargs) -> L.pytorch.strategies.ModelParallelStrategy:
-    """train.strategy fsdp: Lightning's ModelParallelStrategy, every process a data-parallel
-    shard (no tensor parallelism). Checkpoints are whole (gathered to rank 0, one file, as
-    under DDP): they resume on any number of processes, and `check_resumable` reads them;
-    the optimizer state is gathered too, so one is about 16 bytes a parameter."""
+def sharded_strategy(processes: int | str, strategy_class: type | None = None):
+    """train.strategy fsdp: Lightning's ModelParallelStrategy (or `strategy_class`, a subclass
+    of it: Ray Train's), every process a data-parallel shard (no tensor parallelism).
+    Checkpoints are whole (gathered to rank 0, one file, as under DDP): they resume on any
+    number of processes, and `check_resumable` reads them; the optimizer state is gathered
+    too, so one is about 16 bytes a parameter."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False, **kwargs)
+    return (strategy_class or ModelParallelStrategy)(data_parallel_size=processes, tensor_parallel_size=1,
+                                                     save_distributed_checkpoint=False)
 
 
 def make_trainer(config: Config, checkpoint_dir: Path | RemotePath, progress: bool = True,
